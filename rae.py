@@ -1,0 +1,571 @@
+"""
+nano RAE: Diffusion Transformers with Representation Autoencoders, in one file.
+
+Reading order (an image's way through the model):
+  pixels [B,3,256,256] in [0,1]
+    -> Encoder: a frozen, published ViT (DINOv2-B with registers, SigLIP2-B, MAE-B)     tokens [B,256,768]
+    -> RAE.encode: tokens as a 2D map, normalised by the latent statistics             latent x [B,768,16,16]
+    -> flow: x_t = (1 - t) x + t eps, a DiT (LightningDiT or DiT^DH) predicts v = eps - x
+    -> sampler: integrate dx/dt = v from t = 1 (noise) to t ~ 0 (data)                  latent
+    -> RAE.decode: a trained ViT decoder maps tokens back to pixels                     images [B,3,256,256]
+
+Sections: downloads and weight files, the ViT (encoders and decoder), the RAE, then the diffusion models,
+the flow and the samplers.
+"""
+import hashlib
+import json
+import math
+import os
+import struct
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import requests
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+# -----------------------------------------------------------------------------------------------------------
+# Downloads and weight files
+
+HF_REPO = 'nyu-visionx/RAE-collections'  # the authors' released decoders, statistics and DiTs
+
+
+def hf_url(repo_id, path, revision='main'):
+    """URL of a file on the Hugging Face hub; HF_ENDPOINT points it at a mirror (the hub convention)."""
+    endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
+    return f'{endpoint}/{repo_id}/resolve/{revision}/{path}'
+
+
+def cache_dir():
+    return Path(os.environ.get('RAE_CACHE', Path.home() / '.cache' / 'rae'))
+
+
+def download(url, sha256=None, size=None, filename=None, retries=5):
+    """Fetch url into the cache once and return the local path.
+
+    The cache path is the URL's path without the host (so an HF_ENDPOINT mirror shares the cache). Data goes to
+    `<path>.part` and is renamed when complete and verified, so a crash never leaves a bad file under the final
+    name; an interrupted download resumes from the partial file with an HTTP Range request.
+    """
+    rel = filename or urlparse(url).path.lstrip('/')
+    if not rel or rel.endswith('/'):
+        rel = hashlib.sha256(url.encode()).hexdigest()[:16]
+    path = cache_dir() / rel
+    if path.exists() and (size is None or path.stat().st_size == size):
+        return str(path)  # cache hit: no request at all
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + '.part')
+    hint = f'no network? download {url} by hand and place it at {path} (or set RAE_CACHE)'
+    for attempt in range(retries):
+        have = part.stat().st_size if part.exists() else 0
+        headers = {'Range': f'bytes={have}-'} if have else {}
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=30) as r:
+                if r.status_code == 416:  # the partial file is already complete
+                    break
+                if r.status_code not in (200, 206):
+                    raise RuntimeError(f'download of {url} failed: HTTP {r.status_code}; {hint}')
+                if r.status_code == 200:
+                    have = 0  # the server ignored the Range header: start over
+                length = r.headers.get('Content-Length')
+                total = have + int(length) if length is not None else size
+                with open(part, 'ab' if have else 'wb') as f, \
+                        tqdm(total=total, initial=have, unit='B', unit_scale=True, desc=path.name) as bar:
+                    for chunk in r.iter_content(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            break
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            if attempt == retries - 1:
+                raise RuntimeError(f'download of {url} failed ({type(e).__name__}); {hint}') from None
+            time.sleep(min(2 ** attempt, 10) * 0.1)
+    got = part.stat().st_size
+    if size is not None and got != size:
+        part.unlink()
+        raise RuntimeError(f'download of {url}: expected {size} bytes, got {got}; the partial file was removed')
+    if sha256 is not None:
+        h = hashlib.sha256()
+        with open(part, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                h.update(block)
+        if h.hexdigest() != sha256:
+            part.unlink()
+            raise RuntimeError(f'download of {url}: sha256 {h.hexdigest()} != expected {sha256}; file removed')
+    os.replace(part, path)
+    return str(path)
+
+
+_ST_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+              'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8,
+              'BOOL': torch.bool}
+
+
+def load_safetensors(path):
+    """Read a .safetensors file: 8-byte little-endian header length, a JSON header, then raw tensor bytes."""
+    data = Path(path).read_bytes()
+    try:
+        (n,) = struct.unpack('<Q', data[:8])
+        header = json.loads(data[8:8 + n])
+    except (struct.error, ValueError, UnicodeDecodeError):
+        raise ValueError(f'{path}: not a safetensors file (bad header)') from None
+    header.pop('__metadata__', None)
+    out = {}
+    for name, info in header.items():
+        begin, end = info['data_offsets']
+        if 8 + n + end > len(data):
+            raise ValueError(f'{path}: truncated file ({len(data)} bytes, tensor {name!r} needs {8 + n + end})')
+        buf = data[8 + n + begin:8 + n + end]
+        t = torch.frombuffer(bytearray(buf), dtype=_ST_DTYPES[info['dtype']]) if buf else \
+            torch.empty(0, dtype=_ST_DTYPES[info['dtype']])
+        out[name] = t.reshape(info['shape'])
+    return out
+
+
+def load_state_dict_file(path):
+    """A state dict from .safetensors or a torch file (or a save_pretrained directory); one-line errors."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ('model.safetensors', 'pytorch_model.bin') if (path / n).exists()]
+        if not found:
+            raise FileNotFoundError(f'{path}: no model.safetensors or pytorch_model.bin in this directory')
+        path = found[0]
+    if not path.exists():
+        raise FileNotFoundError(f'weights file not found: {path}')
+    if path.suffix == '.safetensors':
+        return load_safetensors(path)
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f'{path}: cannot be read as a torch file ({type(e).__name__}: {str(e)[:120]}); '
+                         'truncated or not a checkpoint?') from None
+
+
+def copy_weights(model, mapped, what):
+    """Copy a {our name: tensor} dict into model with a shape check per tensor and a count check (nanoGPT)."""
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in mapped]
+    unexpected = [k for k in mapped if k not in ours]
+    if missing or unexpected:
+        raise ValueError(f'{what}: weights do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}')
+    for k, v in mapped.items():
+        if v.shape != ours[k].shape:
+            raise ValueError(f'{what}: weights for a different model: {k} has shape {tuple(v.shape)}, '
+                             f'expected {tuple(ours[k].shape)}')
+    with torch.no_grad():
+        for k, v in mapped.items():
+            ours[k].copy_(v)
+    return model
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's centre crop: halve with BOX while the short side >= 2x, BICUBIC resize the short side, crop."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[top:top + image_size, left:left + image_size])
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The ViT: one pre-LN transformer serves every published encoder and the RAE decoder
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3x (B, h, N, d)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block, x += ls1 * attn(norm1(x)); x += ls2 * mlp(norm2(x)) (LayerScale: DINOv2)."""
+
+    def __init__(self, width, heads, mlp_hidden, eps, act='gelu', layerscale=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=eps)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=eps)
+        self.fc1 = nn.Linear(width, mlp_hidden)
+        self.fc2 = nn.Linear(mlp_hidden, width)
+        self.act = nn.GELU(approximate='tanh' if act == 'tanh' else 'none')
+        self.ls1 = nn.Parameter(torch.ones(width)) if layerscale else None
+        self.ls2 = nn.Parameter(torch.ones(width)) if layerscale else None
+
+    def forward(self, x):
+        a = self.attn(self.norm1(x))
+        x = x + (a if self.ls1 is None else a * self.ls1)
+        m = self.fc2(self.act(self.fc1(self.norm2(x))))
+        return x + (m if self.ls2 is None else m * self.ls2)
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# The published encoders. pos_grid is the side of the stored position-embedding grid; input_size the side images
+# are resized to (224 for DINOv2 gives 16x16 tokens at patch 14, like 256 at patch 16); antialias follows how
+# transformers interpolates that model's position embeddings.
+ENCODERS = {
+    'dinov2-s': dict(width=384, depth=12, heads=6, patch=14, pos_grid=37, input_size=224, registers=4,
+                     layerscale=True, eps=1e-6, antialias=True, repo='facebook/dinov2-with-registers-small'),
+    'dinov2-b': dict(width=768, depth=12, heads=12, patch=14, pos_grid=37, input_size=224, registers=4,
+                     layerscale=True, eps=1e-6, antialias=True, repo='facebook/dinov2-with-registers-base'),
+    'dinov2-l': dict(width=1024, depth=24, heads=16, patch=14, pos_grid=37, input_size=224, registers=4,
+                     layerscale=True, eps=1e-6, antialias=True, repo='facebook/dinov2-with-registers-large'),
+    'siglip2-b': dict(width=768, depth=12, heads=12, patch=16, pos_grid=16, input_size=256, cls=False,
+                      act='tanh', eps=1e-6, mean=(0.5,) * 3, std=(0.5,) * 3, repo='google/siglip2-base-patch16-256'),
+    'mae-b': dict(width=768, depth=12, heads=12, patch=16, pos_grid=14, input_size=256, eps=1e-12,
+                  repo='facebook/vit-mae-base'),
+    # DINO v1 ViT-S/8: the frozen discriminator backbone of decoder training (its MLP uses tanh GELU there)
+    'dino-s8': dict(width=384, depth=12, heads=6, patch=8, pos_grid=28, input_size=224, act='tanh', eps=1e-6,
+                    file=(HF_REPO, 'discs/dino_vit_small_patch8_224.pth')),
+}
+
+
+class Encoder(nn.Module):
+    """A frozen ViT representation encoder: images in [0,1] -> normalised patch tokens [B, N, C]."""
+
+    def __init__(self, width, depth, heads, patch, pos_grid, input_size, registers=0, cls=True, layerscale=False,
+                 mlp_hidden=None, act='gelu', eps=1e-6, antialias=False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 name='vit', **unused):
+        super().__init__()
+        self.name, self.patch, self.input_size, self.antialias = name, patch, input_size, antialias
+        self.n_prefix = int(cls) + registers  # tokens in front of the patch tokens (CLS, registers)
+        self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if cls else None
+        self.register_tokens = nn.Parameter(torch.zeros(1, registers, width)) if registers else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, int(cls) + pos_grid ** 2, width))  # CLS row first, if any
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_hidden or 4 * width, eps, act, layerscale)
+                                    for _ in range(depth))
+        # The final LayerNorm without affine (RAE §3): tokens are standardised per token over channels.
+        self.norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
+        self.register_buffer('mean', torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def pos_embed_for(self, h, w):
+        """The position embedding for an h x w token grid, bicubic-interpolated from the stored grid."""
+        n_cls = int(self.cls_token is not None)
+        cls_pos, grid = self.pos_embed[:, :n_cls], self.pos_embed[:, n_cls:]
+        g = math.isqrt(grid.shape[1])
+        if (h, w) != (g, g):
+            grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid.float(), size=(h, w), mode='bicubic', align_corners=False,
+                                 antialias=self.antialias).to(grid.dtype)
+            grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        return cls_pos, grid
+
+    def embed(self, x):
+        """Normalised pixels [B,3,H,W] -> [CLS, registers, patches] tokens with position embeddings."""
+        x = self.patch_embed(x)  # (B, C, h, w)
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major tokens
+        cls_pos, grid_pos = self.pos_embed_for(h, w)
+        x = x + grid_pos
+        prefix = []
+        if self.cls_token is not None:
+            prefix.append((self.cls_token + cls_pos).expand(len(x), -1, -1))
+        if self.register_tokens is not None:  # registers carry no position embedding
+            prefix.append(self.register_tokens.expand(len(x), -1, -1))
+        return torch.cat(prefix + [x], dim=1)
+
+    def forward(self, images):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f'{self.name}: expected images [B,3,H,W], got shape {tuple(images.shape)}')
+        if not torch.compiler.is_compiling():
+            lo, hi = torch.aminmax(images.detach())
+            if lo < 0 or hi > 1:
+                raise ValueError(f'{self.name}: images must be in [0,1], got values in [{lo:.3g}, {hi:.3g}]')
+        if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode='bicubic',
+                                   align_corners=False)
+        x = self.embed((images - self.mean) / self.std)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, self.n_prefix:]  # (B, N, C)
+
+    @classmethod
+    def from_pretrained(cls, name, weights=None, input_size=None):
+        """A published encoder by name; weights=None downloads it, weights=PATH reads a local file or folder."""
+        if name not in ENCODERS:
+            raise ValueError(f'unknown encoder {name!r}; choose one of {", ".join(ENCODERS)}')
+        cfg = dict(ENCODERS[name], name=name)
+        if input_size is not None:
+            cfg['input_size'] = input_size
+        if weights is None:
+            repo, file = cfg.get('file', (cfg.get('repo'), 'model.safetensors'))
+            weights = download(hf_url(repo, file))
+        sd = load_state_dict_file(weights)
+        model = cls(**cfg)
+        model.load_published(sd, weights)
+        return model.eval().requires_grad_(False)
+
+    def load_published(self, sd, what='weights'):
+        """Map a published state dict (HF hub layout, or DINO v1's timm layout) to ours, key by key."""
+        try:
+            return self._map_published(dict(sd), what)
+        except KeyError as e:
+            raise ValueError(f'{what}: weights for a different model: {e.args[0]} is missing') from None
+
+    def _map_published(self, sd, what):
+        for prefix in ('vision_model.', 'vit.'):  # SiglipModel's vision tower, ViTMAEForPreTraining's encoder
+            if any(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        out = {}
+        if 'blocks.0.attn.qkv.weight' in sd:  # DINO v1 (timm layout): already fused qkv
+            out['patch_embed.weight'], out['patch_embed.bias'] = sd['patch_embed.proj.weight'], sd['patch_embed.proj.bias']
+            out['cls_token'], out['pos_embed'] = sd['cls_token'], sd['pos_embed']
+            for i in range(len(self.blocks)):
+                p, q = f'blocks.{i}.', f'blocks.{i}.'
+                for a, b in [('norm1', 'norm1'), ('norm2', 'norm2'), ('attn.qkv', 'attn.qkv'),
+                             ('attn.proj', 'attn.proj'), ('fc1', 'mlp.fc1'), ('fc2', 'mlp.fc2')]:
+                    out[q + a + '.weight'], out[q + a + '.bias'] = sd[p + b + '.weight'], sd[p + b + '.bias']
+            return copy_weights(self, out, what)
+        siglip = 'embeddings.patch_embedding.weight' in sd
+        emb = 'embeddings.patch_embedding' if siglip else 'embeddings.patch_embeddings.projection'
+        out['patch_embed.weight'], out['patch_embed.bias'] = sd[emb + '.weight'], sd[emb + '.bias']
+        if siglip:  # nn.Embedding weight [N, C], no CLS
+            out['pos_embed'] = sd['embeddings.position_embedding.weight'][None]
+        else:
+            out['cls_token'], out['pos_embed'] = sd['embeddings.cls_token'], sd['embeddings.position_embeddings']
+        if self.register_tokens is not None:
+            out['register_tokens'] = sd['embeddings.register_tokens']
+        layer = 'encoder.layers.' if siglip else 'encoder.layer.'
+        for i in range(len(self.blocks)):
+            p, q = f'{layer}{i}.', f'blocks.{i}.'
+
+            def get(*names):  # the first of several published spellings (hub / transformers 5.x in-memory)
+                for n in names:
+                    if p + n in sd:
+                        return sd[p + n]
+                raise ValueError(f'{what}: weights for a different model: {p + names[0]} is missing')
+            for s in ('weight', 'bias'):
+                if siglip:
+                    qkv = [get(f'self_attn.{n}_proj.{s}') for n in 'qkv']
+                    proj, n1, n2 = get(f'self_attn.out_proj.{s}'), get(f'layer_norm1.{s}'), get(f'layer_norm2.{s}')
+                    fc1, fc2 = get(f'mlp.fc1.{s}'), get(f'mlp.fc2.{s}')
+                else:
+                    qkv = [get(f'attention.attention.{a}.{s}', f'attention.{b}_proj.{s}')
+                           for a, b in [('query', 'q'), ('key', 'k'), ('value', 'v')]]
+                    proj = get(f'attention.output.dense.{s}', f'attention.o_proj.{s}')
+                    n1, n2 = get(f'norm1.{s}', f'layernorm_before.{s}'), get(f'norm2.{s}', f'layernorm_after.{s}')
+                    fc1, fc2 = get(f'mlp.fc1.{s}', f'intermediate.dense.{s}'), get(f'mlp.fc2.{s}', f'output.dense.{s}')
+                if len({t.shape for t in qkv}) != 1:
+                    raise ValueError(f'{what}: weights for a different model: q/k/v shapes differ in layer {i}')
+                out[q + f'attn.qkv.{s}'] = torch.cat(qkv)
+                out[q + f'attn.proj.{s}'], out[q + f'norm1.{s}'], out[q + f'norm2.{s}'] = proj, n1, n2
+                out[q + f'fc1.{s}'], out[q + f'fc2.{s}'] = fc1, fc2
+            if self.blocks[i].ls1 is not None:
+                out[q + 'ls1'], out[q + 'ls2'] = get('layer_scale1.lambda1'), get('layer_scale2.lambda1')
+        return copy_weights(self, out, what)
+
+
+def sincos_2d(width, grid):
+    """Fixed 2D sin-cos position embedding [grid*grid, width] (MAE recipe), row-major tokens.
+
+    Channels [0, width/2) encode the column, [width/2, width) the row; each half is [sin(p w_i), cos(p w_i)] with
+    w_i = 1 / 10000^(i / (width/4)). Built in float64 like the reference, then cast.
+    """
+    omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width / 4))
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing='ij')
+    halves = [np.outer(p.reshape(-1), omega) for p in (cols, rows)]
+    emb = np.concatenate([f(h) for h in halves for f in (np.sin, np.cos)], axis=1)
+    return torch.from_numpy(emb).float()
+
+
+# ViT decoder sizes (the released decoders are all XL; note XL's MLP is 4096, not 4 x 1152)
+DECODERS = {'B': dict(width=768, depth=12, heads=12, mlp_hidden=3072),
+            'L': dict(width=1024, depth=24, heads=16, mlp_hidden=4096),
+            'XL': dict(width=1152, depth=28, heads=16, mlp_hidden=4096)}
+
+
+class Decoder(nn.Module):
+    """MAE-style ViT decoder: tokens [B, N, C] -> encoder-normalised pixels [B, 3, grid*p_d, grid*p_d]."""
+
+    def __init__(self, token_dim=768, width=1152, depth=28, heads=16, mlp_hidden=4096, grid=16, patch=16):
+        super().__init__()
+        self.grid, self.patch = grid, patch  # p_d is independent of the encoder's patch (§6.1: p_d=32 -> 512 px)
+        self.embed = nn.Linear(token_dim, width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))  # trainable, dropped at the output
+        pos = torch.cat([torch.zeros(1, width), sincos_2d(width, grid)])[None]  # (1, 1 + grid^2, width), CLS row 0
+        self.register_buffer('pos_embed', pos)  # frozen, but saved: released files carry an EMA-nudged copy
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_hidden, eps=1e-12) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-12)
+        self.pred = nn.Linear(width, patch * patch * 3)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)  # (B, N, D)
+        B, N, D = x.shape
+        if N != self.grid ** 2:  # another token count: resize the embedded token grid bilinearly (reference rule)
+            n = math.isqrt(N)
+            x = x.transpose(1, 2).reshape(B, D, n, n)
+            x = F.interpolate(x, size=(self.grid, self.grid), mode='bilinear', align_corners=False)
+            x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        x = self.pred(self.norm(x))[:, 1:]  # (B, grid^2, p*p*3)
+        p, g = self.patch, self.grid
+        x = x.reshape(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # (B, 3, g, p, g, p): channels last per patch
+        return x.reshape(B, 3, g * p, g * p)
+
+    @classmethod
+    def from_state_dict(cls, sd, heads=None, what='decoder'):
+        """A decoder sized from its weights, in our layout or the released (HF ViTMAE decoder) layout.
+
+        Shapes fix everything but the head count: 16 for widths 1152/1024, 12 for 768, else width // 64.
+        """
+        sd = {k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in sd.items()}
+        released = 'decoder_embed.weight' in sd
+        if not released and 'embed.weight' not in sd:
+            raise ValueError(f'{what}: not a decoder state dict (no decoder_embed.weight / embed.weight)')
+        width, token_dim = sd['decoder_embed.weight' if released else 'embed.weight'].shape
+        layer = 'decoder_layers.{}.intermediate.dense.weight' if released else 'blocks.{}.fc1.weight'
+        depth = 0
+        while layer.format(depth) in sd:
+            depth += 1
+        out = sd['decoder_pred.weight' if released else 'pred.weight'].shape[0]
+        pos = sd.get('decoder_pos_embed' if released else 'pos_embed')
+        grid = math.isqrt(pos.shape[1] - 1) if pos is not None else 16
+        heads = heads or {1152: 16, 1024: 16, 768: 12}.get(width, max(1, width // 64))
+        model = cls(token_dim, width, depth, heads, sd[layer.format(0)].shape[0], grid, math.isqrt(out // 3))
+        if not released:
+            return copy_weights(model, sd, what)
+        m = {'embed.weight': sd['decoder_embed.weight'], 'embed.bias': sd['decoder_embed.bias'],
+             'cls_token': sd.get('trainable_cls_token', model.cls_token.detach()),  # absent in some released files
+             'pos_embed': pos if pos is not None else model.pos_embed,
+             'norm.weight': sd['decoder_norm.weight'], 'norm.bias': sd['decoder_norm.bias'],
+             'pred.weight': sd['decoder_pred.weight'], 'pred.bias': sd['decoder_pred.bias']}
+        for i in range(depth):
+            p, q = f'decoder_layers.{i}.', f'blocks.{i}.'
+            for s in ('weight', 'bias'):
+                m[q + f'attn.qkv.{s}'] = torch.cat([sd[p + f'attention.attention.{n}.{s}'] for n in ('query', 'key', 'value')])
+                for ours, theirs in [('attn.proj', 'attention.output.dense'), ('fc1', 'intermediate.dense'),
+                                     ('fc2', 'output.dense'), ('norm1', 'layernorm_before'), ('norm2', 'layernorm_after')]:
+                    m[q + f'{ours}.{s}'] = sd[p + f'{theirs}.{s}']
+        unused = [k for k in sd if not k.startswith(('decoder_', 'trainable_cls_token'))]
+        if unused or len(sd) - ('trainable_cls_token' in sd) - (pos is not None) != 6 + 16 * depth:
+            raise ValueError(f'{what}: unexpected keys in a released decoder file: {unused[:3]}')
+        return copy_weights(model, m, what)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The Representation Autoencoder
+
+# Released files in nyu-visionx/RAE-collections, by (encoder, image resolution)
+RELEASED_DECODERS = {('dinov2-b', 256): 'decoders/dinov2/wReg_base/ViTXL_n08/model.pt',
+                     ('dinov2-b', 512): 'decoders/dinov2/wReg_base/ViTXL_n08_i512/model.pt',
+                     ('siglip2-b', 256): 'decoders/siglip2/base_p16_i256/ViTXL_n08/model.pt',
+                     ('mae-b', 256): 'decoders/mae/base_p16/ViTXL_n08/model.pt'}
+RELEASED_STATS = {('dinov2-b', 256): 'stats/dinov2/wReg_base/imagenet1k/stat.pt',
+                  ('dinov2-b', 512): 'stats/dinov2/wReg_base/imagenet1k_512/stat.pt',
+                  ('siglip2-b', 256): 'stats/siglip2/base_p16_i256/ImageNet1k/stat.pt',
+                  ('mae-b', 256): 'stats/mae/base_p16/ImageNet1k/stat.pt'}
+
+
+def load_stats(path):
+    """Latent statistics {'mean': [C,h,w] or None, 'var': [C,h,w]} as written by the authors' stat script."""
+    stats = load_state_dict_file(path)
+    if not isinstance(stats, dict) or 'var' not in stats:
+        raise ValueError(f'{path}: not a latent statistics file (expected a dict with "mean" and "var")')
+    return stats.get('mean'), stats['var']
+
+
+class RAE(nn.Module):
+    """Frozen encoder + trained decoder; the latent is the encoder's token map, normalised per channel+position."""
+
+    def __init__(self, encoder, decoder, mean=None, var=None, noise_tau=0.0, eps=1e-5,
+                 pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder  # encoder may be None when only decoding (sampling)
+        self.noise_tau, self.eps = noise_tau, eps
+        if encoder is not None:
+            encoder.requires_grad_(False)
+            pixel_mean, pixel_std = encoder.mean.flatten().tolist(), encoder.std.flatten().tolist()
+        # The decoder predicts pixels in the encoder's normalisation; these map them back to [0,1].
+        self.register_buffer('pixel_mean', torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('pixel_std', torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
+        # Variance-only normalisation (mean None) is what the released DINOv2-B statistics do.
+        self.register_buffer('latent_mean', None if mean is None else mean.float(), persistent=False)
+        self.register_buffer('latent_var', None if var is None else var.float(), persistent=False)
+
+    def normalize(self, z):
+        if self.latent_mean is not None:
+            z = z - self.latent_mean
+        return z if self.latent_var is None else z / torch.sqrt(self.latent_var + self.eps)
+
+    def denormalize(self, x):
+        if self.latent_var is not None:
+            x = x * torch.sqrt(self.latent_var + self.eps)
+        return x if self.latent_mean is None else x + self.latent_mean
+
+    @torch.no_grad()
+    def encode(self, images):
+        """Images [B,3,H,W] in [0,1] -> latent [B,C,h,w]."""
+        if self.encoder is None:
+            raise RuntimeError('this RAE was built without an encoder (decode only)')
+        z = self.encoder(images)  # (B, N, C), LayerNorm'd tokens
+        if self.training and self.noise_tau > 0:
+            # Noise-augmented decoding (§4.3). The paper's text draws sigma from |N(0, tau^2)|; the released
+            # decoders were trained with sigma ~ tau * U(0, 1) per sample, which is what we do.
+            sigma = self.noise_tau * torch.rand((len(z), 1, 1), device=z.device, dtype=z.dtype)
+            z = z + sigma * torch.randn_like(z)
+        B, N, C = z.shape
+        h = math.isqrt(N)
+        return self.normalize(z.transpose(1, 2).reshape(B, C, h, h))  # token n = row * h + col
+
+    def decode(self, latent):
+        """Latent [B,C,h,w] -> images [B,3,H,W], nominally in [0,1] (not clamped)."""
+        z = self.denormalize(latent)
+        x = self.decoder(z.flatten(2).transpose(1, 2))
+        return x * self.pixel_std + self.pixel_mean
+
+    def forward(self, images):
+        return self.decode(self.encode(images))
+
+    @classmethod
+    def from_pretrained(cls, encoder='dinov2-b', resolution=256, decoder=None, stats=None, encoder_weights=None,
+                        load_encoder=True, noise_tau=0.0):
+        """The released RAE for (encoder, resolution); decoder/stats may be local paths instead of downloads.
+
+        load_encoder=False builds a decode-only RAE (sampling needs no encoder weights).
+        """
+        if encoder not in ENCODERS:
+            raise ValueError(f'unknown encoder {encoder!r}; choose one of {", ".join(ENCODERS)}')
+        key = (encoder, resolution)
+        for given, table, what in [(decoder, RELEASED_DECODERS, 'decoder'), (stats, RELEASED_STATS, 'statistics')]:
+            if given is None and key not in table:
+                have = ', '.join(f'{e}@{r}' for e, r in table)
+                raise ValueError(f'no released {what} for {encoder} at {resolution} px (released: {have}); '
+                                 f'pass a local file instead')
+        decoder = decoder or download(hf_url(HF_REPO, RELEASED_DECODERS[key]))
+        stats = stats or download(hf_url(HF_REPO, RELEASED_STATS[key]))
+        sd = load_state_dict_file(decoder)
+        for k in ('ema', 'model', 'state_dict'):  # a training checkpoint instead of a bare state dict
+            if k in sd and isinstance(sd[k], dict):
+                sd = sd[k]
+                break
+        sd = {k.removeprefix('decoder.'): v for k, v in sd.items() if not k.startswith('encoder.')}
+        dec = Decoder.from_state_dict(sd, what=str(decoder))
+        cfg = ENCODERS[encoder]
+        enc = None
+        if load_encoder:
+            enc = Encoder.from_pretrained(encoder, encoder_weights, input_size=dec.grid * cfg['patch'])
+        mean, var = load_stats(stats)
+        return cls(enc, dec, mean, var, noise_tau, pixel_mean=cfg.get('mean', IMAGENET_MEAN),
+                   pixel_std=cfg.get('std', IMAGENET_STD)).eval()
+
+
+from rae_dit import *  # noqa: E402,F401,F403  (diffusion section; merged into this file before release)

@@ -76,7 +76,7 @@ def download(url, sha256=None, size=None, filename=None, retries=5):
                 total = have + int(length) if length is not None else size
                 with open(part, 'ab' if have else 'wb') as f, \
                         tqdm(total=total, initial=have, unit='B', unit_scale=True, desc=path.name) as bar:
-                    for chunk in r.iter_content(1 << 20):
+                    for chunk in r.iter_content(1 << 16):
                         f.write(chunk)
                         bar.update(len(chunk))
             break
@@ -568,4 +568,5 @@ class RAE(nn.Module):
                    pixel_std=cfg.get('std', IMAGENET_STD)).eval()
 
 
-from rae_dit import *  # noqa: E402,F401,F403  (diffusion section; merged into this file before release)
+if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'rae_dit.py')):  # TEMPORARY until merge
+    from rae_dit import *  # noqa: E402,F401,F403

@@ -145,8 +145,12 @@ def load_state_dict_file(path):
                          'truncated or not a checkpoint?') from None
 
 
-def copy_weights(model, mapped, what):
-    """Copy a {our name: tensor} dict into model with a shape check per tensor and a count check (nanoGPT)."""
+def copy_weights(model, mapped, what, names=None):
+    """Copy a {our name: tensor} dict into model with a shape check per tensor and a count check (nanoGPT).
+
+    names maps our names to the file's names, so that errors name the key the user can find in their file.
+    """
+    names = names or {}
     ours = model.state_dict()
     missing = [k for k in ours if k not in mapped]
     unexpected = [k for k in mapped if k not in ours]
@@ -154,8 +158,8 @@ def copy_weights(model, mapped, what):
         raise ValueError(f'{what}: weights do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}')
     for k, v in mapped.items():
         if v.shape != ours[k].shape:
-            raise ValueError(f'{what}: weights for a different model: {k} has shape {tuple(v.shape)}, '
-                             f'expected {tuple(ours[k].shape)}')
+            raise ValueError(f'{what}: weights for a different model: {names.get(k, k)} has shape '
+                             f'{tuple(v.shape)}, expected {tuple(ours[k].shape)}')
     with torch.no_grad():
         for k, v in mapped.items():
             ours[k].copy_(v)
@@ -323,53 +327,72 @@ class Encoder(nn.Module):
         for prefix in ('vision_model.', 'vit.'):  # SiglipModel's vision tower, ViTMAEForPreTraining's encoder
             if any(k.startswith(prefix) for k in sd):
                 sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        out = {}
+        out, src = {}, {}  # our name -> tensor, our name -> the file's name (for error messages)
+
+        def take(ours, *theirs):  # the first present of several published spellings (hub / transformers 5.x)
+            for name in theirs:
+                if name in sd:
+                    out[ours], src[ours] = sd[name], name
+                    return
+            raise KeyError(theirs[0])
+
         if 'blocks.0.attn.qkv.weight' in sd:  # DINO v1 (timm layout): already fused qkv
-            out['patch_embed.weight'], out['patch_embed.bias'] = sd['patch_embed.proj.weight'], sd['patch_embed.proj.bias']
-            out['cls_token'], out['pos_embed'] = sd['cls_token'], sd['pos_embed']
+            take('patch_embed.weight', 'patch_embed.proj.weight')
+            take('patch_embed.bias', 'patch_embed.proj.bias')
+            take('cls_token', 'cls_token')
+            take('pos_embed', 'pos_embed')
             for i in range(len(self.blocks)):
-                p, q = f'blocks.{i}.', f'blocks.{i}.'
-                for a, b in [('norm1', 'norm1'), ('norm2', 'norm2'), ('attn.qkv', 'attn.qkv'),
-                             ('attn.proj', 'attn.proj'), ('fc1', 'mlp.fc1'), ('fc2', 'mlp.fc2')]:
-                    out[q + a + '.weight'], out[q + a + '.bias'] = sd[p + b + '.weight'], sd[p + b + '.bias']
-            return copy_weights(self, out, what)
+                for s in ('weight', 'bias'):
+                    for a, b in [('norm1', 'norm1'), ('norm2', 'norm2'), ('attn.qkv', 'attn.qkv'),
+                                 ('attn.proj', 'attn.proj'), ('fc1', 'mlp.fc1'), ('fc2', 'mlp.fc2')]:
+                        take(f'blocks.{i}.{a}.{s}', f'blocks.{i}.{b}.{s}')
+            return copy_weights(self, out, what, src)
         siglip = 'embeddings.patch_embedding.weight' in sd
         emb = 'embeddings.patch_embedding' if siglip else 'embeddings.patch_embeddings.projection'
-        out['patch_embed.weight'], out['patch_embed.bias'] = sd[emb + '.weight'], sd[emb + '.bias']
+        take('patch_embed.weight', emb + '.weight')
+        take('patch_embed.bias', emb + '.bias')
         if siglip:  # nn.Embedding weight [N, C], no CLS
-            out['pos_embed'] = sd['embeddings.position_embedding.weight'][None]
+            take('pos_embed', 'embeddings.position_embedding.weight')
+            out['pos_embed'] = out['pos_embed'][None]
         else:
-            out['cls_token'], out['pos_embed'] = sd['embeddings.cls_token'], sd['embeddings.position_embeddings']
+            take('cls_token', 'embeddings.cls_token')
+            take('pos_embed', 'embeddings.position_embeddings')
         if self.register_tokens is not None:
-            out['register_tokens'] = sd['embeddings.register_tokens']
-        layer = 'encoder.layers.' if siglip else 'encoder.layer.'
+            take('register_tokens', 'embeddings.register_tokens')
         for i in range(len(self.blocks)):
-            p, q = f'{layer}{i}.', f'blocks.{i}.'
+            # hub names first, then transformers 5.x in-memory names (MAE there: layers.N, mlp.fc1/fc2)
+            ps = [f'encoder.layers.{i}.'] if siglip else [f'encoder.layer.{i}.', f'layers.{i}.']
+            q = f'blocks.{i}.'
 
-            def get(*names):  # the first of several published spellings (hub / transformers 5.x in-memory)
-                for n in names:
-                    if p + n in sd:
-                        return sd[p + n]
-                raise ValueError(f'{what}: weights for a different model: {p + names[0]} is missing')
+            def alt(*names):
+                return [p + n for p in ps for n in names]
             for s in ('weight', 'bias'):
                 if siglip:
-                    qkv = [get(f'self_attn.{n}_proj.{s}') for n in 'qkv']
-                    proj, n1, n2 = get(f'self_attn.out_proj.{s}'), get(f'layer_norm1.{s}'), get(f'layer_norm2.{s}')
-                    fc1, fc2 = get(f'mlp.fc1.{s}'), get(f'mlp.fc2.{s}')
+                    names = {'q': alt(f'self_attn.q_proj.{s}'), 'k': alt(f'self_attn.k_proj.{s}'),
+                             'v': alt(f'self_attn.v_proj.{s}'), 'attn.proj': alt(f'self_attn.out_proj.{s}'),
+                             'norm1': alt(f'layer_norm1.{s}'), 'norm2': alt(f'layer_norm2.{s}'),
+                             'fc1': alt(f'mlp.fc1.{s}'), 'fc2': alt(f'mlp.fc2.{s}')}
                 else:
-                    qkv = [get(f'attention.attention.{a}.{s}', f'attention.{b}_proj.{s}')
-                           for a, b in [('query', 'q'), ('key', 'k'), ('value', 'v')]]
-                    proj = get(f'attention.output.dense.{s}', f'attention.o_proj.{s}')
-                    n1, n2 = get(f'norm1.{s}', f'layernorm_before.{s}'), get(f'norm2.{s}', f'layernorm_after.{s}')
-                    fc1, fc2 = get(f'mlp.fc1.{s}', f'intermediate.dense.{s}'), get(f'mlp.fc2.{s}', f'output.dense.{s}')
-                if len({t.shape for t in qkv}) != 1:
+                    names = {'q': alt(f'attention.attention.query.{s}', f'attention.q_proj.{s}'),
+                             'k': alt(f'attention.attention.key.{s}', f'attention.k_proj.{s}'),
+                             'v': alt(f'attention.attention.value.{s}', f'attention.v_proj.{s}'),
+                             'attn.proj': alt(f'attention.output.dense.{s}', f'attention.o_proj.{s}'),
+                             'norm1': alt(f'norm1.{s}', f'layernorm_before.{s}'),
+                             'norm2': alt(f'norm2.{s}', f'layernorm_after.{s}'),
+                             'fc1': alt(f'mlp.fc1.{s}', f'intermediate.dense.{s}'),
+                             'fc2': alt(f'mlp.fc2.{s}', f'output.dense.{s}')}
+                for ours, theirs in names.items():
+                    take(q + (f'attn.{ours}.{s}' if ours in 'qkv' else f'{ours}.{s}'), *theirs)
+                # fused qkv = [q; k; v] along the output dimension
+                parts = [out.pop(q + f'attn.{n}.{s}') for n in 'qkv']
+                src[q + f'attn.qkv.{s}'] = [src.pop(q + f'attn.{n}.{s}') for n in 'qkv'][0]  # named by q
+                if len({t.shape for t in parts}) != 1:
                     raise ValueError(f'{what}: weights for a different model: q/k/v shapes differ in layer {i}')
-                out[q + f'attn.qkv.{s}'] = torch.cat(qkv)
-                out[q + f'attn.proj.{s}'], out[q + f'norm1.{s}'], out[q + f'norm2.{s}'] = proj, n1, n2
-                out[q + f'fc1.{s}'], out[q + f'fc2.{s}'] = fc1, fc2
+                out[q + f'attn.qkv.{s}'] = torch.cat(parts)
             if self.blocks[i].ls1 is not None:
-                out[q + 'ls1'], out[q + 'ls2'] = get('layer_scale1.lambda1'), get('layer_scale2.lambda1')
-        return copy_weights(self, out, what)
+                take(q + 'ls1', *alt('layer_scale1.lambda1'))
+                take(q + 'ls2', *alt('layer_scale2.lambda1'))
+        return copy_weights(self, out, what, src)
 
 
 def sincos_2d(width, grid):

@@ -1,0 +1,384 @@
+"""
+Training plumbing shared by decoder_train.py (stage 1) and diffusion_train.py (stage 2): config overrides, DDP,
+an ImageNet-style image folder, EMA, checkpoints with exact resume, learning-rate schedules and the run log.
+
+Order of use in a training script (the comments say why the order matters):
+
+    config = configure(globals(), sys.argv[1:]); globals().update(config)  # defaults <- files <- --key=value
+    rank, local_rank, world_size, device, is_master = setup_ddp(device)
+    torch.manual_seed(global_seed * world_size + rank)                      # one stream per rank (DiT)
+    loader, sampler = make_loader(ImageFolder(data_dir, image_size, 'center', flip=True, seed=global_seed),
+                                  global_batch // world_size, rank, world_size, global_seed, workers)
+    ema = make_ema(model)                                                   # before torch.compile and DDP
+    if path := latest_checkpoint(ckpt_dir):                                 # last thing before the loop
+        c = load_checkpoint(path, model=model, ema=ema, optimizer=opt); step, epoch, batch = ...
+    for epoch in range(epoch, epochs):
+        sampler.set_epoch(epoch, start_batch=batch)                         # a resumed epoch goes on exactly
+        for batch, (x, y) in enumerate(loader, start=batch + 1):            # batch = batches consumed
+            ...; save_checkpoint(ckpt_dir, step=step, epoch=epoch, batch=batch, config=config, model=model, ...)
+        batch = 0
+"""
+import ast
+import copy
+import math
+import multiprocessing
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+import types
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from rae import center_crop_arr
+
+# -----------------------------------------------------------------------------------------------------------
+# Config: nanoGPT's configurator, without its warts (rank-0 printing, int->float, None defaults, '=' in
+# values, misspelled names in config files, CWD-dependent exec of the configurator itself)
+
+CONFIG_TYPES = (bool, int, float, str, tuple, list, dict, type(None))
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(*args, **kwargs)
+
+
+def _checked(key, value, default, where):
+    if default is None or type(value) is type(default):  # `is`: True is no int, 1 is no bool
+        return value
+    if type(default) is float and type(value) is int:
+        return float(value)
+    raise SystemExit(f'{where}: {key} = {value!r} is a {type(value).__name__}, '
+                     f'but its default {default!r} is a {type(default).__name__}')
+
+
+def configure(defaults, argv):
+    """Resolve the config: `defaults` (a script's globals(); only public names holding plain values count), then
+    each argument in order: a path (relative to the CWD) is a config file of assignments exec'd over the current
+    values, `--key=value` is parsed with ast.literal_eval (a plain string when that fails). Unknown names and
+    type changes are one-line errors. Names starting with '_' in a config file are private helpers."""
+    config = {k: v for k, v in defaults.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)}
+    original = dict(config)
+    for arg in argv:
+        if arg.startswith('--'):
+            key, eq, raw = arg[2:].partition('=')  # split at the first '=': values may contain '='
+            if not eq:
+                raise SystemExit(f'{arg}: expected --key=value')
+            if key not in config:
+                raise SystemExit(f'unknown config key {key!r} (from the command line {arg})')
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
+            if isinstance(original[key], str) and not isinstance(value, str):
+                value = raw  # --run_name=001 stays a string
+            config[key] = _checked(key, value, original[key], 'command line')
+            print0(f'config: {key} = {config[key]!r} (command line)')
+            continue
+        if not os.path.isfile(arg):
+            raise SystemExit(f'config file {arg} not found (paths are relative to {os.getcwd()})')
+        scope = dict(config)
+        with open(arg) as f:
+            exec(compile(f.read(), arg, 'exec'), scope)
+        for key, value in scope.items():
+            if key.startswith('_') or isinstance(value, types.ModuleType):
+                continue
+            if key not in config:
+                raise SystemExit(f'{arg}: unknown config key {key!r} (not a default of this script)')
+            value = _checked(key, value, original[key], arg)
+            if value != config[key] or type(value) is not type(config[key]):
+                print0(f'config: {key} = {value!r} ({arg})')
+            config[key] = value
+    return config
+
+
+# -----------------------------------------------------------------------------------------------------------
+# DDP: one process per GPU under torchrun (RANK in the environment), gloo on CPU; scripts seed each rank with
+# global_seed * world_size + rank and give each rank global_batch // world_size images
+
+def setup_ddp(device=None):
+    """-> (rank, local_rank, world_size, device, is_master). device None: CUDA when available; 'cpu' forces CPU."""
+    if device not in (None, 'cpu', 'cuda'):
+        raise SystemExit(f"device={device!r}: expected 'cuda' or 'cpu' (torchrun gives each rank cuda:LOCAL_RANK)")
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit("device='cuda' but torch sees no CUDA device (use --device=cpu)")
+    cuda = torch.cuda.is_available() and device != 'cpu'
+    if 'RANK' not in os.environ:
+        return 0, 0, 1, torch.device(device or ('cuda' if cuda else 'cpu')), True
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    device = torch.device(f'cuda:{local_rank}' if cuda else 'cpu')
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if cuda else 'gloo')
+    return rank, local_rank, world_size, device, rank == 0
+
+
+def cleanup_ddp():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Image folder: root/<class>/<image>, labels in sorted class order (torchvision's ImageFolder), PIL + numpy
+
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
+
+
+def random_crop_arr(pil_image, image_size, rng):
+    """Stage 1: BICUBIC resize of the short side to 1.5x, then a random image_size crop (torchvision's
+    Resize(int) rounds the long side down, RandomCrop draws top then left)."""
+    w, h = pil_image.size
+    short = round(1.5 * image_size)
+    size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    arr = np.array(pil_image.resize(size, resample=Image.BICUBIC))
+    top, left = rng.integers(0, arr.shape[0] - image_size + 1), rng.integers(0, arr.shape[1] - image_size + 1)
+    return arr[top:top + image_size, left:left + image_size]
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """ImageNet-style folder -> (float [3,S,S] in [0,1], label); flips and crops are drawn from (seed, epoch, index)."""
+
+    def __init__(self, root, image_size, crop='center', flip=False, seed=0):
+        assert crop in ('center', 'random'), crop
+        if not os.path.isdir(root):
+            raise SystemExit(f'{root}: no such image folder (expected {root}/<class>/<image>)')
+        classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        files, labels = [], []
+        for label, c in enumerate(classes):
+            for dirpath, _, names in sorted(os.walk(os.path.join(root, c), followlinks=True)):
+                found = sorted(n for n in names if n.lower().endswith(IMAGE_EXTS))
+                files += [os.path.join(dirpath, n) for n in found]
+                labels += [label] * len(found)
+        if not files:
+            raise SystemExit(f'{root}: no images ({", ".join(IMAGE_EXTS)}) in class sub-folders {root}/<class>/')
+        # numpy arrays, not lists of str: every worker touching a Python object copies its page (pytorch #13246)
+        self.files, self.labels, self.classes = np.array(files), np.array(labels), classes
+        self.root, self.image_size, self.crop, self.flip, self.seed = root, image_size, crop, flip, seed
+        self._skipped = multiprocessing.Value('q', 0)  # shared with the DataLoader workers
+
+    @property
+    def skipped(self):
+        """Unreadable images replaced so far, over all workers of this rank (each read counts once)."""
+        return self._skipped.value
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, item):
+        # the sampler of make_loader sends (index, epoch): a persistent worker cannot see set_epoch otherwise
+        i, epoch = item if isinstance(item, tuple) else (item, 0)
+        rng = np.random.default_rng([self.seed, epoch, i])
+        for attempt in range(min(len(self), 100)):
+            j = (i + attempt) % len(self)  # an unreadable image is replaced by the next one, deterministically
+            try:
+                with Image.open(self.files[j]) as im:
+                    im = im.convert('RGB')
+                break
+            except (OSError, ValueError, SyntaxError):  # truncated, corrupt or not an image
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+        else:
+            raise RuntimeError(f'{self.root}: {attempt + 1} unreadable images in a row from {self.files[i]}')
+        arr = np.array(center_crop_arr(im, self.image_size)) if self.crop == 'center' else \
+            random_crop_arr(im, self.image_size, rng)
+        if self.flip and rng.random() < 0.5:
+            arr = arr[:, ::-1]
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255), int(self.labels[j])
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that can start an epoch at a given batch and yields (index, epoch) pairs."""
+
+    def __init__(self, dataset, rank, world_size, seed, batch_size):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size, self.start = batch_size, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        super().set_epoch(epoch)
+        self.start = start_batch * self.batch_size
+
+    def __iter__(self):
+        return iter([(i, self.epoch) for i in list(super().__iter__())[self.start:]])
+
+    def __len__(self):
+        return max(0, self.num_samples - self.start)
+
+
+def make_loader(dataset, batch_size, rank=0, world_size=1, seed=0, workers=4):
+    """-> (loader, sampler) with `batch_size` images per rank. Call sampler.set_epoch(epoch, start_batch) before
+    each epoch; the permutation depends on (seed, epoch) only, so a resumed epoch continues exactly."""
+    sampler = ResumableSampler(dataset, rank, world_size, seed, batch_size)
+    if len(sampler) < batch_size:
+        raise SystemExit(f'{len(dataset)} images make no full batch of {batch_size} on each of {world_size} ranks')
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        generator=torch.Generator())  # own generator: starting the workers must not consume the global RNG
+    return loader, sampler
+
+
+# -----------------------------------------------------------------------------------------------------------
+# EMA and unwrapping
+
+def unwrap(model):
+    """The plain nn.Module under DDP (.module) and torch.compile (._orig_mod) wrappers."""
+    while isinstance(model, DDP) or hasattr(model, '_orig_mod'):
+        model = model.module if isinstance(model, DDP) else model._orig_mod
+    return model
+
+
+def make_ema(model):
+    """A frozen eval-mode copy of the plain module. Copy before compiling: the reference compiled
+    `model.forward = torch.compile(model.forward)` and then deep-copied; deepcopy keeps that bound method, so its
+    "EMA" model ran the live weights in every preview and online FID. We refuse such a patched module."""
+    model = unwrap(model)
+    patched = [name or 'model' for name, m in model.named_modules() if 'forward' in vars(m)]
+    if patched:
+        raise ValueError(f'{patched[0]}.forward is patched (torch.compile(m.forward)?): make the EMA first, '
+                         f'then compile the module as a whole')
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model over all parameters (one fused lerp); buffers are copied."""
+    model = unwrap(model)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Checkpoints: <dir>/<step:07d>.pt, written atomically, the last `keep` kept, every rank's RNG inside
+
+def rng_state():
+    np_state = np.random.get_state()  # stored as tensors and ints, so torch.load(weights_only=True) reads it
+    return {'torch': torch.get_rng_state(), 'python': random.getstate(),
+            'numpy': (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+            'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    random.setstate(state['python'])
+    name, keys, *rest = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if state['cuda'] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
+
+
+def list_checkpoints(ckpt_dir):
+    """[(step, path)] sorted by step; temp files and foreign names are ignored."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    names = (re.fullmatch(r'(\d+)\.pt', n) for n in os.listdir(ckpt_dir))
+    return sorted((int(m[1]), os.path.join(ckpt_dir, m[0])) for m in names if m)
+
+
+def latest_checkpoint(ckpt_dir):
+    """Path of the highest-step checkpoint in ckpt_dir, or None."""
+    found = list_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(ckpt_dir, *, step, epoch, batch, config, keep=3, **state):
+    """Collective (call on every rank): rank 0 writes {state..., step, epoch, batch, config, rng: [per rank]} to
+    ckpt_dir/<step>.pt. `batch` = batches of `epoch` already consumed. Modules are saved unwrapped (no 'module.'
+    or '_orig_mod.' prefixes), optimizers by state_dict(), anything else as is. keep=None keeps all."""
+    rngs = [rng_state()]
+    if dist.is_initialized():
+        rngs = [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, rng_state())
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        state = {k: (unwrap(v) if isinstance(v, torch.nn.Module) else v) for k, v in state.items()}
+        state = {k: (v.state_dict() if hasattr(v, 'state_dict') else v) for k, v in state.items()}
+        state.update(step=step, epoch=epoch, batch=batch, config=config, rng=rngs)
+        os.makedirs(ckpt_dir, exist_ok=True)
+        path = os.path.join(ckpt_dir, f'{step:07d}.pt')
+        with open(path + '.tmp', 'wb') as f:  # a crash mid-write leaves a .tmp, never a truncated .pt
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + '.tmp', path)
+        old = [p for _, p in list_checkpoints(ckpt_dir)[:-keep]] if keep else []
+        old += [os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if n.endswith('.pt.tmp')]  # earlier crashes
+        for p in old:
+            os.remove(p)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(path, **objects):
+    """Restore each object (model=..., ema=..., optimizer=...) from its entry, and this rank's RNG states;
+    returns the checkpoint dict (step, epoch, batch, config, extras). Call it last before the loop: any random
+    draw between it and the first step would shift every stream."""
+    if not os.path.isfile(path):
+        raise SystemExit(f'{path}: no such checkpoint')
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    for key, obj in objects.items():
+        if key not in ckpt:
+            raise SystemExit(f'{path}: no {key!r} entry (it has {", ".join(ckpt)})')
+        (unwrap(obj) if isinstance(obj, torch.nn.Module) else obj).load_state_dict(ckpt[key])
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if len(ckpt['rng']) == world:
+        set_rng_state(ckpt['rng'][rank])
+    else:
+        print0(f'{path}: saved by {len(ckpt["rng"])} ranks, resumed on {world}: random streams start afresh')
+    return ckpt
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Learning-rate schedules (pure functions of the optimizer step; scripts turn epochs into steps)
+
+def lr_linear_decay(step, base, final, decay_start, decay_end):
+    """Stage 2: `base` until decay_start, linear to `final` at decay_end, `final` after."""
+    p = min(max((step - decay_start) / max(1, decay_end - decay_start), 0.0), 1.0)
+    return base + (final - base) * p
+
+
+def lr_warmup_cosine(step, base, final, warmup, decay_end):
+    """Stage 1: linear warm-up from zero, base * (step + 1) / warmup, then cosine from base to `final` at
+    decay_end, `final` after."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = min((step - warmup) / max(1, decay_end - warmup), 1.0)
+    return final + (base - final) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The run log: out_dir/log.txt opens with everything needed to reproduce the run
+
+def start_log(out_dir, config, device):
+    """Rank 0 appends a header (git commit, torch, device, command, config as a loadable config file) to
+    out_dir/log.txt; returns log(msg), which prints and appends on rank 0 and does nothing elsewhere."""
+    if int(os.environ.get('RANK', 0)) != 0:
+        return lambda msg: None
+    def git(*args):
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(['git', *args], cwd=here, capture_output=True, text=True).stdout.strip()
+    try:
+        commit = git('rev-parse', 'HEAD') or 'unknown'
+        commit += ' (uncommitted changes)' if git('status', '--porcelain', '--untracked-files=no') else ''
+    except OSError:
+        commit = 'unknown (no git)'
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else (platform.processor() or 'cpu')
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, 'log.txt')
+
+    def log(msg):
+        print(msg, flush=True)
+        with open(path, 'a') as f:
+            f.write(msg + '\n')
+
+    log(f'# git {commit}\n# torch {torch.__version__}, {world} x {name}\n# {" ".join(sys.argv)}\n'
+        + '\n'.join(f'{k} = {v!r}' for k, v in config.items()))
+    return log

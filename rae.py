@@ -301,11 +301,15 @@ class Encoder(nn.Module):
         return self.norm(x)[:, self.n_prefix:]  # (B, N, C)
 
     @classmethod
-    def from_pretrained(cls, name, weights=None, input_size=None):
-        """A published encoder by name; weights=None downloads it, weights=PATH reads a local file or folder."""
+    def from_pretrained(cls, name, weights=None, input_size=None, **overrides):
+        """A published encoder by name; weights=None downloads it, weights=PATH reads a local file or folder.
+
+        overrides (width=, depth=, heads=, pos_grid=, ...) change the preset, e.g. for a tiny random-weight file
+        in the published layout (tests, CPU smoke runs).
+        """
         if name not in ENCODERS:
             raise ValueError(f'unknown encoder {name!r}; choose one of {", ".join(ENCODERS)}')
-        cfg = dict(ENCODERS[name], name=name)
+        cfg = dict(ENCODERS[name], name=name, **overrides)
         if input_size is not None:
             cfg['input_size'] = input_size
         if weights is None:
@@ -560,10 +564,11 @@ class RAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, encoder='dinov2-b', resolution=256, decoder=None, stats=None, encoder_weights=None,
-                        load_encoder=True, noise_tau=0.0):
+                        load_encoder=True, noise_tau=0.0, encoder_overrides=None):
         """The released RAE for (encoder, resolution); decoder/stats may be local paths instead of downloads.
 
-        load_encoder=False builds a decode-only RAE (sampling needs no encoder weights).
+        load_encoder=False builds a decode-only RAE (sampling needs no encoder weights). stats=False: no latent
+        normalisation (decoder training works on raw tokens). encoder_overrides: see Encoder.from_pretrained.
         """
         if encoder not in ENCODERS:
             raise ValueError(f'unknown encoder {encoder!r}; choose one of {", ".join(ENCODERS)}')
@@ -574,7 +579,8 @@ class RAE(nn.Module):
                 raise ValueError(f'no released {what} for {encoder} at {resolution} px (released: {have}); '
                                  f'pass a local file instead')
         decoder = decoder or download(hf_url(HF_REPO, RELEASED_DECODERS[key]))
-        stats = stats or download(hf_url(HF_REPO, RELEASED_STATS[key]))
+        if stats is not False:
+            stats = stats or download(hf_url(HF_REPO, RELEASED_STATS[key]))
         sd = load_state_dict_file(decoder)
         for k in ('ema', 'model', 'state_dict'):  # a training checkpoint instead of a bare state dict
             if k in sd and isinstance(sd[k], dict):
@@ -585,8 +591,9 @@ class RAE(nn.Module):
         cfg = ENCODERS[encoder]
         enc = None
         if load_encoder:
-            enc = Encoder.from_pretrained(encoder, encoder_weights, input_size=dec.grid * cfg['patch'])
-        mean, var = load_stats(stats)
+            enc = Encoder.from_pretrained(encoder, encoder_weights, **{'input_size': dec.grid * cfg['patch'],
+                                                                       **(encoder_overrides or {})})
+        mean, var = load_stats(stats) if stats is not False else (None, None)
         return cls(enc, dec, mean, var, noise_tau, pixel_mean=cfg.get('mean', IMAGENET_MEAN),
                    pixel_std=cfg.get('std', IMAGENET_STD)).eval()
 

@@ -8,17 +8,33 @@ The decoder's objective, on images x in [0,1] and reconstructions x_hat = D(E(x)
 GAN(x_hat) = -mean Disc(DiffAug(x_hat)), Disc = trainable StyleGAN-T heads on frozen DINO ViT-S/8 features,
 trained with a hinge loss; lambda balances the two gradients at the decoder's last layer (Esser et al. 2021).
 
-Reading order: LPIPS, the DINO discriminator, DiffAug, the losses.
+    torchrun --standalone --nproc_per_node=8 decoder_train.py configs/decoder_xl.py --data_dir=/data/imagenet/train
+    python decoder_train.py configs/decoder_tiny.py                           # CPU, no network, ~1 minute
+    python decoder_train.py configs/decoder_tiny.py --reconstruct=photo.jpg   # crop | reconstruction -> recon.png
+
+Reading order: LPIPS, the DINO discriminator, DiffAug, the losses, then the training script (its defaults, the
+two update steps, evaluation, main).
 """
 import hashlib
 import math
 import os
+import sys
+import time
+from collections import defaultdict
+from contextlib import nullcontext
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+import fid
 import rae
+from training import (ImageFolder, cleanup_ddp, configure, latest_checkpoint, load_checkpoint, lr_warmup_cosine,
+                      make_ema, make_loader, print0, save_checkpoint, setup_ddp, start_log, unwrap, update_ema)
 
 # -----------------------------------------------------------------------------------------------------------
 # LPIPS (Zhang et al. 2018): a perceptual distance from a frozen VGG16 with learned per-channel weights
@@ -324,7 +340,8 @@ def decoder_loss(recon, images, lpips, disc=None, last_layer=None, perceptual_we
     if disc is None:
         return rec, logs
     gan = generator_loss(disc(augment(recon * 2 - 1)))
-    weight = adaptive_weight(rec, gan, last_layer)
+    with torch.autocast(recon.device.type, enabled=False):  # lambda outside autocast (the reference's PR #43 fix)
+        weight = adaptive_weight(rec, gan, last_layer)
     logs.update(gan=gan.detach(), gan_weight=weight)
     return rec + disc_weight * weight * gan, logs
 
@@ -332,3 +349,330 @@ def decoder_loss(recon, images, lpips, disc=None, last_layer=None, perceptual_we
 def to_8bit(x):
     """Fake images as the discriminator sees them: clamped to [-1, 1] and rounded to 8 bits, like a saved PNG."""
     return torch.round((x.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Training script. Defaults = the released recipe (DINOv2-B, ViT-XL decoder, 256 px, 16 epochs, facts §3);
+# configs/decoder_*.py override them, then --key=value (training.configure). Every config names its launch line.
+
+# I/O
+out_dir = 'results/decoder-xl'      # log.txt and checkpoints/; training resumes from the latest checkpoint there
+data_dir = 'data/imagenet/train'    # ImageNet-style folder <class>/<image>
+val_dir = ''                        # images for PSNR / rFID after the ADM centre crop ('' = no evaluation)
+rfid_ref = ''                       # statistics of the same crops of val_dir: python fid.py --write-ref REF.npz VAL
+eval_every = 0                      # steps between evaluations (0: once, at the end of training)
+eval_images = 0                     # first N images of val_dir (sorted paths) to evaluate (0: all)
+log_every = 100                     # steps between log lines (losses averaged over the steps and the ranks)
+ckpt_every = 0                      # steps between checkpoints, besides the one at the end of every epoch
+keep_ckpts = 2                      # checkpoints kept (0: all)
+# model
+encoder = 'dinov2-b'                # rae.ENCODERS: dinov2-s/b/l, siglip2-b, mae-b
+encoder_weights = ''                # a local file/folder in the published layout ('' downloads it)
+encoder_overrides = {}              # Encoder.from_pretrained overrides (width=, depth=, ...: tiny stand-ins)
+decoder_size = 'XL'                 # rae.DECODERS: B, L, XL
+decoder_arch = {}                   # width/depth/heads/mlp_hidden instead of decoder_size (tiny decoders)
+decoder_patch = 16                  # p_d; image_size // p_d tokens a side, so p_d = 32 decodes 16x16 tokens to 512 px
+image_size = 256                    # training crop, taken from a 1.5x short-side resize (384 px at 256)
+noise_tau = 0.8                     # noise augmentation: z + sigma eps, sigma ~ tau U(0, 1) per image (§4.3)
+# losses (App. E.2)
+perceptual_weight = 1.0             # LPIPS from the first step
+disc_weight = 0.75                  # w_G, times the adaptive lambda
+disc_start_epoch = 8                # the GAN loss enters the decoder's objective from this epoch
+disc_update_start_epoch = 6         # the discriminator trains from this epoch (two epochs before it is used)
+lpips_vgg_weights = ''              # local torchvision VGG16 file ('' downloads it)
+lpips_lin_weights = ''              # local LPIPS v0.1 heads ('' downloads them)
+disc_weights = ''                   # local DINO ViT-S/8 file ('' downloads the authors' copy)
+disc_overrides = {}                 # Encoder.from_pretrained overrides for the discriminator backbone
+disc_key_depths = (2, 5, 8, 11)     # backbone blocks whose tokens get a head (plus the last output)
+# optimisation: AdamW for the decoder and the heads alike
+epochs = 16
+global_batch = 512
+lr = 2e-4
+final_lr = 2e-5                     # cosine from lr to final_lr at decay_end_epoch, constant after
+warmup_epochs = 1                   # linear from 0
+decay_end_epoch = 16
+betas = (0.9, 0.95)
+weight_decay = 0.0
+ema_decay = 0.9978                  # per step, no warm-up
+# system
+device = None                       # None: CUDA when available; 'cpu' forces the CPU
+precision = 'bf16'                  # 'bf16' (autocast) or 'fp32'
+compile = True                      # torch.compile the RAE, LPIPS and the discriminator (after the EMA copy)
+workers = 8                         # data loading processes per GPU
+global_seed = 0
+make_tiny = False                   # write random-weight stand-ins for missing weight files and a synthetic data_dir
+# commands instead of training
+reconstruct = ''                    # an image file: write its centre crop and reconstruction side by side, exit
+recon_out = 'recon.png'
+eval_only = False                   # evaluate a decoder on val_dir (PSNR, rFID) and exit
+decoder_ckpt = ''                   # decoder for those: a checkpoint or decoder file, 'released', or '' (latest here)
+
+
+def psnr(x, y):
+    """Per-image PSNR [B] in dB of images in [0, 1]: 10 log10(1 / MSE), MSE floored at 1e-10 as the reference."""
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+def generator_step(ddp_model, lpips, disc, opt, images, use_gan, ctx):
+    """One decoder update on noise-augmented latents: L1 + LPIPS, plus lambda-weighted GAN loss once use_gan."""
+    decoder = unwrap(ddp_model).decoder
+    disc.eval().requires_grad_(False)  # a fixed critic here: stored spectral norms, no gradients into the heads
+    with ctx:
+        recon = ddp_model(images)  # train mode: encode, add noise, decode
+        loss, logs = decoder_loss(recon.float(), images, lpips, disc if use_gan else None, decoder.pred.weight,
+                                  perceptual_weight, disc_weight)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return dict(logs, loss=loss.detach())
+
+
+def discriminator_step(model, ddp_disc, opt_d, images, ctx):
+    """One hinge update of the heads on fresh reconstructions made without latent noise, quantised to 8 bits."""
+    model.eval()  # no noise augmentation (the reference re-decodes in eval mode; PR #43 stopped reusing G's output)
+    with torch.no_grad(), ctx:
+        fake = to_8bit(model(images).float() * 2 - 1)
+    model.train()
+    unwrap(ddp_disc).train().requires_grad_(True)  # train mode: one power iteration per forward, as the reference
+    with ctx:  # through the DDP wrapper: the reference called the bare module, so its ranks never synced D
+        logits_fake = ddp_disc(diffaug(fake))
+        logits_real = ddp_disc(diffaug(images * 2 - 1))
+    loss = discriminator_loss(logits_real, logits_fake)
+    opt_d.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_d.step()
+    return {'d_loss': loss.detach(), 'd_acc': (logits_real > logits_fake).float().mean().detach()}
+
+
+@torch.no_grad()
+def evaluate(model, folder, n=0, batch_size=32, ref=None, inception=None):
+    """PSNR (per image, averaged) and rFID of model's reconstructions of the ADM centre crops of `folder`.
+
+    Reconstructions are rounded to 8 bits like saved PNGs. rFID compares them with `ref`, statistics of the same
+    crops (fid.py --write-ref), not with a generation reference batch (the authors' users mixed these up, #11).
+    Ranks split the images; rank 0 runs Inception on all reconstructions, gathered batch by batch.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = next(model.parameters()).device
+    src = fid.FolderImages(folder, crop=image_size, workers=min(workers, 4))
+    files = src.files[:n or None]
+    src.files = files[:len(files) - len(files) % world][rank::world]  # equal shares: all_gather needs equal shapes
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # PSNR sum, count
+
+    def batches():
+        for b in src.batches(batch_size):
+            x = torch.from_numpy(b).to(device).permute(0, 3, 1, 2).float() / 255
+            y = model(x).clamp(0, 1).mul(255).round().to(torch.uint8)  # rounded, not truncated (facts §13.9)
+            total.add_(torch.stack([psnr(y.float() / 255, x).sum(), torch.tensor(len(x), device=device)]))
+            y = y.permute(0, 2, 3, 1).contiguous()
+            if world > 1:
+                parts = [torch.empty_like(y) for _ in range(world)]
+                dist.all_gather(parts, y)
+                y = torch.cat(parts)
+            yield y
+
+    out = {}
+    if ref is not None and rank == 0:
+        out['rFID'] = fid.evaluate(batches(), ref, model=inception, pr=False, progress=False)['FID']
+    else:
+        for _ in batches():
+            pass
+    if world > 1:
+        dist.all_reduce(total)
+    out['PSNR'] = (total[0] / total[1]).item()
+    return out, int(total[1].item())
+
+
+def pretrained_rae():
+    """The RAE with decoder_ckpt's decoder (EMA weights of a checkpoint), through RAE.from_pretrained."""
+    path = decoder_ckpt or latest_checkpoint(os.path.join(out_dir, 'checkpoints'))
+    if not path:
+        raise SystemExit(f'no checkpoint in {out_dir}/checkpoints: train first, or give --decoder_ckpt=PATH '
+                         f'or --decoder_ckpt=released')
+    return rae.RAE.from_pretrained(encoder, image_size, decoder=None if path == 'released' else path, stats=False,
+                                   encoder_weights=encoder_weights or None, encoder_overrides=encoder_overrides)
+
+
+@torch.no_grad()
+def reconstruct_file(model, path, out):
+    """ADM centre crop of an image file | its reconstruction, side by side in one PNG; returns the PSNR."""
+    size = model.decoder.grid * model.decoder.patch
+    with Image.open(path) as im:
+        crop = np.array(rae.center_crop_arr(im.convert('RGB'), size))
+    x = torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(255).to(next(model.parameters()).device)
+    y = model(x).clamp(0, 1).mul(255).round().to(torch.uint8)
+    Image.fromarray(np.concatenate([crop, y[0].permute(1, 2, 0).cpu().numpy()], axis=1)).save(out)
+    return psnr(y.float() / 255, x).item()
+
+
+def write_tiny_standins(seed=0):
+    """make_tiny: random-weight stand-ins in the published layouts for every weight file the config names but that
+    does not exist (DINOv2 hub names, DINO v1 timm names, torchvision VGG16 + LPIPS heads), and a data_dir of
+    synthetic images if it is missing; so a tiny config runs with no network and no ImageNet."""
+    torch.manual_seed(seed)
+
+    def save(path, sd, what):
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        torch.save({k: v.detach().clone().contiguous() for k, v in sd.items()}, path)
+        print0(f'make_tiny: wrote {path} ({what}, random weights)')
+
+    if encoder_weights and not os.path.exists(encoder_weights):
+        if not encoder.startswith('dinov2'):
+            raise SystemExit(f'make_tiny writes DINOv2 stand-ins only, not {encoder}')
+        enc = rae.Encoder(**dict(rae.ENCODERS[encoder], **encoder_overrides))
+        nn.init.normal_(enc.pos_embed, std=0.02)
+        sd = {'embeddings.cls_token': enc.cls_token, 'embeddings.position_embeddings': enc.pos_embed,
+              'embeddings.register_tokens': enc.register_tokens,
+              'embeddings.patch_embeddings.projection.weight': enc.patch_embed.weight,
+              'embeddings.patch_embeddings.projection.bias': enc.patch_embed.bias}
+        names = [('attn.proj.', 'attention.output.dense.'), ('fc', 'mlp.fc'), ('ls1', 'layer_scale1.lambda1'),
+                 ('ls2', 'layer_scale2.lambda1'), ('norm', 'norm')]
+        for k, v in enc.state_dict().items():
+            if k.startswith('blocks.'):
+                _, i, name = k.split('.', 2)
+                if name.startswith('attn.qkv.'):  # the hub stores query, key, value apart
+                    for part, t in zip(('query', 'key', 'value'), v.chunk(3)):
+                        sd[f'encoder.layer.{i}.attention.attention.{part}.{name[9:]}'] = t
+                    continue
+                ours, theirs = next((a, b) for a, b in names if name.startswith(a))
+                sd[f'encoder.layer.{i}.{theirs}{name[len(ours):]}'] = v
+        save(encoder_weights, sd, f'{encoder} layout')
+    if disc_weights and not os.path.exists(disc_weights):
+        dino = rae.Encoder(**dict(rae.ENCODERS['dino-s8'], **disc_overrides))
+        nn.init.normal_(dino.pos_embed, std=0.02)
+        save(disc_weights, {k.replace('patch_embed.', 'patch_embed.proj.').replace('.fc', '.mlp.fc'): v
+                            for k, v in dino.state_dict().items()}, 'DINO ViT-S/8 timm layout')
+    if lpips_vgg_weights and lpips_lin_weights and not os.path.exists(lpips_vgg_weights):
+        m = LPIPS(widths=(8, 16, 32, 32, 32))  # a narrow VGG16
+        save(lpips_vgg_weights, m.features.state_dict(prefix='features.'), 'torchvision VGG16 layout')
+        save(lpips_lin_weights, {f'lin{i}.model.1.weight': lin.weight.abs() for i, lin in enumerate(m.lins)},
+             'LPIPS heads')
+    if not os.path.exists(data_dir):  # 2 classes x 32 images: gradients with coloured ellipses, 48 to 96 px
+        rng = np.random.default_rng(seed)
+        for c in range(2):
+            os.makedirs(os.path.join(data_dir, f'class{c}'))
+            for i in range(32):
+                h, w = rng.integers(48, 97, size=2)
+                yy, xx = np.mgrid[:h, :w] / max(h, w)
+                img = rng.uniform(.2, .8, 3) + rng.uniform(-.5, .5, 3) * xx[..., None] + \
+                    rng.uniform(-.5, .5, 3) * yy[..., None]
+                for _ in range(3):
+                    cy, cx, ry, rx = rng.uniform(0, 1, 2).tolist() + rng.uniform(0.1, 0.4, 2).tolist()
+                    img[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1] = rng.uniform(0, 1, 3)
+                Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(
+                    os.path.join(data_dir, f'class{c}', f'{i:03d}.png'))
+        print0(f'make_tiny: wrote 64 synthetic images to {data_dir}')
+
+
+def main():
+    config = configure({k: v for k, v in globals().items() if not k.isupper()}, sys.argv[1:])  # CONSTANTS aside
+    globals().update(config)
+    if precision not in ('fp32', 'bf16'):
+        raise SystemExit(f"precision={precision!r}: expected 'fp32' or 'bf16'")
+    if image_size % decoder_patch:
+        raise SystemExit(f'image_size {image_size} is not a multiple of decoder_patch {decoder_patch}')
+    if make_tiny:
+        write_tiny_standins()
+    rank, _, world_size, dev, is_master = setup_ddp(device)
+    if hasattr(torch.backends.cuda.matmul, 'fp32_precision'):  # TF32 matmuls and convolutions (fid.py turns it off)
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = 'tf32'
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == 'bf16' else nullcontext()
+    try:
+        if reconstruct or eval_only:
+            model = pretrained_rae().to(dev)
+            if reconstruct:
+                db = reconstruct_file(model, reconstruct, recon_out)
+                print(f'wrote {recon_out}: {reconstruct} (centre crop) | reconstruction, PSNR {db:.2f} dB')
+            else:
+                ref = fid.load_reference(rfid_ref) if rfid_ref else None
+                inception = fid.InceptionV3.from_pretrained().to(dev) if ref is not None and is_master else None
+                metrics, n = evaluate(model, val_dir, eval_images, ref=ref, inception=inception)
+                print0(f'{n} images of {val_dir}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+            return cleanup_ddp()
+        # Frozen parts and the initial decoder and heads, identical on every rank (same seed before any draw)
+        torch.manual_seed(global_seed)
+        patch = encoder_overrides.get('patch', rae.ENCODERS[encoder]['patch'])
+        enc = rae.Encoder.from_pretrained(encoder, encoder_weights or None, input_size=image_size // decoder_patch * patch,
+                                          **encoder_overrides)  # 224 px for DINOv2 at 256: 16 x 16 tokens either way
+        if not decoder_arch and decoder_size not in rae.DECODERS:
+            raise SystemExit(f'decoder_size={decoder_size!r}: expected one of {", ".join(rae.DECODERS)}')
+        dec = rae.Decoder(enc.patch_embed.out_channels, **(decoder_arch or rae.DECODERS[decoder_size]),
+                          grid=image_size // decoder_patch, patch=decoder_patch)
+        lpips = LPIPS.from_pretrained(lpips_vgg_weights or None, lpips_lin_weights or None).to(dev)
+        disc = Discriminator(rae.Encoder.from_pretrained('dino-s8', disc_weights or None, **disc_overrides),
+                             disc_key_depths).to(dev)
+        ref = fid.load_reference(rfid_ref) if val_dir and rfid_ref else None
+        inception = fid.InceptionV3.from_pretrained().to(dev) if ref is not None and is_master else None
+    except (OSError, ValueError, RuntimeError) as e:  # missing or wrong weight files, offline downloads
+        raise SystemExit(f'decoder_train.py: {e}') from None
+    model = rae.RAE(enc, dec, noise_tau=noise_tau).to(dev)  # raw encoder tokens: the latent statistics are stage 2's
+    ema = make_ema(dec)
+    ema_model = rae.RAE(enc, ema).to(dev).eval()  # the EMA decoder on the same frozen encoder, for evaluation
+    fused = dev.type == 'cuda'
+    opt = torch.optim.AdamW(dec.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+    model_c, lpips_c, disc_c = (torch.compile(m) for m in (model, lpips, disc)) if compile else (model, lpips, disc)
+    ddp_model, ddp_disc = (DDP(m) for m in (model_c, disc_c)) if dist.is_initialized() else (model_c, disc_c)
+
+    if global_batch % world_size:
+        raise SystemExit(f'global_batch {global_batch} is not divisible by {world_size} ranks')
+    dataset = ImageFolder(data_dir, image_size, crop='random', flip=False, seed=global_seed)  # no flip (reference)
+    loader, sampler = make_loader(dataset, global_batch // world_size, rank, world_size, global_seed, workers)
+    steps_per_epoch, step, epoch, batch = len(loader), 0, 0, 0
+    torch.manual_seed(global_seed * world_size + rank)  # noise, DiffAug: one stream per rank
+    ckpt_dir = os.path.join(out_dir, 'checkpoints')
+    log = start_log(out_dir, config, dev)
+    if path := latest_checkpoint(ckpt_dir):
+        c = load_checkpoint(path, model=dec, ema=ema, opt=opt, disc=disc, opt_d=opt_d)
+        step, epoch, batch = c['step'], c['epoch'], c['batch']
+        log(f'resumed from {path}: step {step}, epoch {epoch}, {batch} batches into it')
+    log(f'decoder {sum(p.numel() for p in dec.parameters()) / 1e6:.1f}M parameters on {encoder}; {len(dataset)} '
+        f'images, {steps_per_epoch} steps of {global_batch} ({global_batch // world_size} per rank) per epoch')
+
+    stats, t0, last = defaultdict(list), time.time(), epochs * steps_per_epoch
+    for epoch in range(epoch, epochs):
+        sampler.set_epoch(epoch, start_batch=batch)
+        for batch, (images, _) in enumerate(loader, start=batch + 1):
+            images = images.to(dev, non_blocking=True)
+            # One schedule for G and D. The reference's D scheduler stepped only once D trained, so D's warm-up
+            # and cosine lagged G's by disc_update_start_epoch (6) epochs.
+            lr_now = lr_warmup_cosine(step, lr, final_lr, warmup_epochs * steps_per_epoch,
+                                      decay_end_epoch * steps_per_epoch)
+            for group in opt.param_groups + opt_d.param_groups:
+                group['lr'] = lr_now
+            logs = generator_step(ddp_model, lpips_c, disc_c, opt, images, epoch >= disc_start_epoch, ctx)
+            update_ema(ema, dec, ema_decay)
+            if epoch >= disc_update_start_epoch:
+                logs.update(discriminator_step(model_c, ddp_disc, opt_d, images, ctx))
+            step += 1
+            for k, v in logs.items():
+                stats[k].append(v)
+            if step % log_every == 0:
+                n, keys = len(stats['loss']), sorted(stats)
+                means = torch.stack([torch.stack(stats[k]).float().mean() for k in keys])
+                if dist.is_initialized():
+                    dist.all_reduce(means)
+                    means /= world_size
+                seconds = time.time() - t0
+                log(f'step {step} | epoch {epoch} | ' + ' '.join(f'{k} {v:.9g}' for k, v in zip(keys, means.tolist()))
+                    + f' | lr {lr_now:.4g} | {n / seconds:.2f} steps/s, {n * global_batch / seconds:.1f} img/s'
+                    + f' | {dataset.skipped} unreadable images skipped')
+                stats, t0 = defaultdict(list), time.time()
+            if (ckpt_every and step % ckpt_every == 0) or batch == steps_per_epoch:
+                save_checkpoint(ckpt_dir, step=step, epoch=epoch, batch=batch, config=config, keep=keep_ckpts or None,
+                                model=dec, ema=ema, opt=opt, disc=disc, opt_d=opt_d)
+            if val_dir and (step == last or (eval_every and step % eval_every == 0)):
+                metrics, n = evaluate(ema_model, val_dir, eval_images, ref=ref, inception=inception)
+                log(f'eval step {step} | EMA decoder on {n} images of {val_dir}: '
+                    + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+                t0 = time.time()
+        batch = 0
+    log(f'done: {step} steps; decoder (EMA) in {latest_checkpoint(ckpt_dir)}')
+    cleanup_ddp()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,517 @@
+"""
+Stage 2 of RAE: train a diffusion transformer (DiT^DH or LightningDiT) on the latents of a frozen representation
+encoder (paper §4, §5, App. F).
+
+    python diffusion_train.py configs/tiny.py                                   # a CPU, minutes: toy data, tiny RAE
+    torchrun --standalone --nproc_per_node=8 diffusion_train.py configs/xl.py   # DiT^DH-XL on DINOv2-B, 256 px
+    torchrun --standalone --nproc_per_node=8 diffusion_train.py configs/xl.py --mode=stats     # -> out_dir/stat.pt
+    torchrun --standalone --nproc_per_node=8 diffusion_train.py configs/xl.py --mode=cache --latent_cache=/ssd/lat
+
+Config files are executed over the defaults below, then --key=value overrides (ast.literal_eval); unknown keys
+and type changes are errors. A run resumes from the newest checkpoint in out_dir/checkpoints by itself.
+
+The flow, in the paper's convention throughout (t = 0 is data, t = 1 is noise):
+
+    x_t = (1 - t) x + t eps,        the model predicts v = eps - x,        loss = |v_theta(x_t, t, y) - (eps - x)|^2
+
+t is drawn logit-normal (or uniform) on [0, 0.999] and shifted towards noise, t <- alpha t / (1 + (alpha - 1) t)
+with alpha = sqrt(C h w / 4096) (§4.2; sqrt(48) for [768, 16, 16] latents).
+
+Randomness: the eps, t and label drop of a sample are drawn from seeds (global_seed, step, its row in the global
+batch), not from the rank's stream. A run gives the same numbers on 1 or 8 GPUs, with or without gradient
+accumulation, and after a resume.
+"""
+import colorsys
+import contextlib
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from rae import (ENCODERS, RAE, Decoder, DiTDH, Encoder, LightningDiT, build_dit, guided_velocity, sample_ode,
+                 sample_t, shift_alpha, time_shift)
+from training import (ImageFolder, cleanup_ddp, configure, latest_checkpoint, load_checkpoint, lr_linear_decay,
+                      make_ema, make_loader, print0, save_checkpoint, setup_ddp, start_log, update_ema)
+
+# -----------------------------------------------------------------------------------------------------------
+# Defaults: DiT^DH-XL on DINOv2-B latents at 256 px, the paper's recipe (configs/xl.py spells it out)
+# I/O
+out_dir = 'runs/dit'                # log.txt, stat.pt, checkpoints/<step>.pt, samples/<step>.png
+mode = 'train'                      # 'train'; 'stats': latent statistics -> out_dir/stat.pt; 'cache': -> latent_cache
+data_path = 'data/imagenet/train'   # ImageNet-style folder root/<class>/<image>; labels in sorted folder order
+latent_cache = None                 # a folder written by --mode=cache: train from it, no encoder in the step
+cache_dtype = 'float16'             # 1.0 TB for ImageNet at 256 px (both flips); 'float32' (2x) = bit-exact losses
+toy = False                         # True: first write a toy data set and tiny random RAE files (configs/tiny.py)
+# the RAE (rae.RAE.from_pretrained); None = the released file for (encoder, image_size), downloaded once
+encoder = 'dinov2-b'                # dinov2-s/b/l, siglip2-b, mae-b
+encoder_weights = None              # a local file in the published layout
+encoder_overrides = None            # preset changes, e.g. dict(width=32, depth=2, ...) for a tiny random file
+decoder = None                      # decodes the preview grids and FID samples
+stats = None                        # latent statistics stat.pt; False: none (raw encoder tokens)
+image_size = 256
+# the diffusion model
+model = 'DiTDH-XL'                  # DiTDH-S/B/L/XL (+ 2-layer 2048-wide head, §5) or LightningDiT-S/B/L/XL (§4)
+hidden_size = None                  # with depth and num_heads: a size outside the presets (pairs for 'DiTDH')
+depth = None
+num_heads = None
+num_classes = 1000
+class_dropout = 0.1                 # labels -> the null class: trains the unconditional model for guidance
+# the flow (§4.2)
+time_dist = 'logit-normal'          # of t before the shift: 'logit-normal' (released configs) or 'uniform' (paper)
+shift = None                        # alpha; None: sqrt(C*h*w / 4096)
+# optimisation (App. F)
+global_batch = 1024                 # over all ranks and accumulation steps
+grad_accum = 1                      # micro-batches per optimizer step
+epochs = 800
+max_steps = None                    # stop earlier (the lr schedule still counts epochs)
+lr = 2e-4                           # AdamW; constant for lr_decay_start epochs, then linear ...
+lr_final = 2e-5                     # ... to this at epoch lr_decay_end
+lr_decay_start = 40
+lr_decay_end = 800
+betas = (0.9, 0.95)
+weight_decay = 0.0
+grad_clip = 1.0                     # clip the global gradient norm (0: off)
+ema_decay = 0.9995
+# system
+device = None                       # None: CUDA when available; 'cpu'
+precision = 'bf16'                  # 'bf16' autocast or 'fp32' (TF32 matmuls on a GPU either way)
+compile = True                      # torch.compile the training forward (the EMA copy stays eager)
+global_seed = 0
+workers = 8                         # data loader processes per rank
+# logging, previews, evaluation, checkpoints (in optimizer steps; 0 = never)
+log_every = 100
+sample_every = 10000                # an EMA sample grid out_dir/samples/<step>.png
+sample_classes = (207, 360, 387, 974, 88, 979, 417, 279)
+sample_steps = 50                   # Euler steps of the ODE sampler (App. F)
+fid_every = 0                       # online FID of fid_samples EMA samples (a monitor; report sample.py + fid.py)
+fid_samples = 10000
+fid_reference = 'imagenet256'       # fid.py reference batch name or .npz
+ckpt_every = 5000
+ckpt_keep = 3
+_DEFAULTS = dict(globals())
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The training objective, with draws that do not depend on how the global batch is split
+
+def seed_of(*keys):
+    """A 64-bit seed from a tuple of ints (numpy's SeedSequence hash)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
+
+
+def step_draws(seed, step, rows, global_batch, latent_shape, time_dist, alpha, class_dropout, device):
+    """eps [B, C, h, w], shifted t [B] and label drops [B] for `rows` of the global batch of optimizer step `step`.
+
+    t and the drops of the whole global batch come from one stream seeded by (seed, step), through sample_t as
+    released; eps row by row from (seed, step, row). Row r of a step is the same sample on any number of ranks.
+    """
+    with torch.random.fork_rng(devices=[]):  # the rank's own CPU stream is left untouched
+        torch.manual_seed(seed_of(seed, step))
+        t = time_shift(sample_t(global_batch, time_dist), alpha)[rows]
+        drop = (torch.rand(global_batch) < class_dropout)[rows]
+    g = torch.Generator(device)
+    eps = torch.stack([torch.randn(latent_shape, generator=g.manual_seed(seed_of(seed, step, r)), device=device)
+                       for r in rows.tolist()])
+    return eps, t.to(device), drop.to(device)
+
+
+def velocity_loss(net, x, y, eps, t):
+    """Per-sample |v_theta(x_t, t, y) - (eps - x)|^2 / (C h w) at x_t = (1 - t) x + t eps  ->  [B]."""
+    tt = t.view(-1, 1, 1, 1)
+    x_t = (1 - tt) * x + tt * eps
+    return ((net(x_t, t, y).float() - (eps - x)) ** 2).mean(dim=(1, 2, 3))
+
+
+def build_model(name, latent_shape, num_classes, hidden_size=None, depth=None, num_heads=None):
+    """A preset ('DiTDH-XL') or, with hidden_size/depth/num_heads, 'DiTDH' / 'LightningDiT' of that size."""
+    C, h, _ = latent_shape
+    kw = dict(input_size=h, in_channels=C, num_classes=num_classes, class_dropout_prob=0.0)  # we drop labels
+    if hidden_size is None:
+        try:
+            return build_dit(name, **kw)
+        except ValueError as e:
+            raise SystemExit(f'model={name!r}: {e}') from None
+    if name not in ('DiTDH', 'LightningDiT'):
+        raise SystemExit(f"model={name!r} with hidden_size set: use 'DiTDH' or 'LightningDiT'")
+    return (DiTDH if name == 'DiTDH' else LightningDiT)(hidden_size=hidden_size, depth=depth, num_heads=num_heads, **kw)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Latents: encoding a rank's share of the images, the exact statistics, and the cache
+
+class LatentCache(torch.utils.data.Dataset):
+    """Raw latents of --mode=cache (latents.npy [N, 2, C, h, w]: each image, then its mirror) through a memory map.
+
+    Item (index, epoch) takes the mirror image when ImageFolder(seed=seed) would flip that image in that epoch.
+    """
+
+    def __init__(self, root, seed=0):
+        for name in ('latents.npy', 'labels.npy'):
+            if not os.path.isfile(os.path.join(root, name)):
+                raise SystemExit(f'{root}: no {name}; write the cache first with --mode=cache --latent_cache={root}')
+        self.root, self.seed, self._latents = root, seed, None
+        self.labels = np.load(os.path.join(root, 'labels.npy'))
+        self.shape = np.load(os.path.join(root, 'latents.npy'), mmap_mode='r').shape
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, item):
+        i, epoch = item if isinstance(item, tuple) else (item, 0)
+        if self._latents is None:  # opened in each worker: a pickled memmap would be read in full
+            self._latents = np.load(os.path.join(self.root, 'latents.npy'), mmap_mode='r')
+        flip = np.random.default_rng([self.seed, epoch, i]).random() < 0.5  # ImageFolder's draw for a centre crop
+        return torch.from_numpy(self._latents[i, int(flip)].astype(np.float32)), int(self.labels[i])
+
+
+@torch.no_grad()
+def encode_shard(rae, data, rank, world_size, batch_size, workers, device):
+    """Yield (indices, raw latents [B, 2, C, h, w] of each image and its mirror, labels) for this rank's images
+    rank, rank + world_size, ... (unflipped ImageFolder), in order."""
+    indices = range(rank, len(data), world_size)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, indices), batch_size, num_workers=workers,
+                                         pin_memory=device.type == 'cuda')
+    done = 0
+    for x, y in tqdm(loader, desc='encoding', disable=rank != 0):
+        x = x.to(device, non_blocking=True)
+        z = rae.encode(torch.cat([x, x.flip(-1)]))  # fp32, no autocast: the same numbers as the training step
+        yield torch.tensor(indices[done:done + len(x)]), torch.stack(z.chunk(2), dim=1), y
+        done += len(x)
+
+
+def moments(z):
+    """(count, mean, sum of squared deviations) over dim 0, in float64."""
+    z = z.double()
+    mean = z.mean(0)
+    return len(z), mean, ((z - mean) ** 2).sum(0)
+
+
+def merge_moments(a, b):
+    """Chan et al.'s pairwise update: the moments of the union of two sets from the moments of each."""
+    (n1, m1, s1), (n2, m2, s2) = a, b
+    if n1 == 0 or n2 == 0:
+        return b if n1 == 0 else a
+    n, delta = n1 + n2, m2 - m1
+    return n, m1 + delta * (n2 / n), s1 + s2 + delta ** 2 * (n1 * n2 / n)
+
+
+def latent_stats(rae, data, rank, world_size, batch_size, workers, device):
+    """Exact per-channel, per-position mean and (population) variance [C, h, w] of the raw latents of every image
+    and its mirror image (the two views training draws), float64, merged across ranks in rank order."""
+    acc = (0, 0.0, 0.0)
+    for _, z, _ in encode_shard(rae, data, rank, world_size, batch_size, workers, device):
+        acc = merge_moments(acc, moments(z.flatten(0, 1)))
+    if acc[0] == 0:
+        raise SystemExit(f'rank {rank} got no images (fewer images than ranks?)')
+    if world_size > 1:
+        mine = torch.cat([torch.tensor([float(acc[0])], dtype=torch.float64, device=device), acc[1].flatten(),
+                          acc[2].flatten()])
+        parts = [torch.empty_like(mine) for _ in range(world_size)]
+        dist.all_gather(parts, mine)
+        acc = (0, 0.0, 0.0)
+        for p in parts:  # every rank merges the same list in the same order: one deterministic answer
+            count, rest = int(p[0].item()), p[1:].view(2, *z.shape[2:])
+            acc = merge_moments(acc, (count, rest[0], rest[1]))
+    n, mean, m2 = acc
+    return mean, m2 / n
+
+
+def write_cache(rae, data, root, dtype, rank, world_size, batch_size, workers, device, latent_shape):
+    """Encode every image and its mirror once into root/latents.npy [N, 2, C, h, w] (+ labels.npy); each rank
+    writes its own rows of one memory-mapped file, renamed into place when all are done."""
+    tmp = os.path.join(root, 'latents.npy.tmp')
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        np.lib.format.open_memmap(tmp, mode='w+', dtype=np.dtype(dtype), shape=(len(data), 2, *latent_shape))
+    if world_size > 1:
+        dist.barrier()
+    out = np.load(tmp, mmap_mode='r+')
+    labels = torch.zeros(len(data), dtype=torch.int64, device=device)
+    for idx, z, y in encode_shard(rae, data, rank, world_size, batch_size, workers, device):
+        out[idx.numpy()] = z.cpu().numpy().astype(dtype)
+        labels[idx.to(device)] = y.to(device)
+    out.flush()
+    if world_size > 1:
+        dist.all_reduce(labels)  # each rank filled its own rows, zeros elsewhere
+    if rank == 0:
+        np.save(os.path.join(root, 'labels.npy'), labels.cpu().numpy())
+        os.replace(tmp, os.path.join(root, 'latents.npy'))
+    if world_size > 1:
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# EMA samples: preview grids and online FID
+
+@torch.no_grad()
+def generate(ema, rae, y, noise, num_steps, alpha, ctx):
+    """Images [B, 3, H, W] in [0, 1] from the EMA model: Euler ODE from t = 1 (noise) to t ~ 0, unguided, decoded."""
+    with ctx:
+        z = sample_ode(guided_velocity(ema, y), noise, num_steps, alpha)
+    return rae.decode(z.float()).clamp(0, 1)
+
+
+def preview_noise(n, latent_shape, seed=0):
+    """The fixed noise of the preview grids (own generator: a preview never moves the training streams)."""
+    return torch.randn(n, *latent_shape, generator=torch.Generator().manual_seed(seed))
+
+
+def save_grid(images, path, nrow=4):
+    """Images [n, 3, H, W] in [0, 1] -> one PNG, nrow to a row, no padding, rounded to 8 bits."""
+    n, _, H, W = images.shape
+    arr = (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    grid = np.zeros((-(-n // nrow) * H, min(n, nrow) * W, 3), np.uint8)
+    for i, im in enumerate(arr):
+        grid[i // nrow * H:(i // nrow + 1) * H, i % nrow * W:(i % nrow + 1) * W] = im
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+_FID = {}  # the Inception network and reference statistics, loaded once
+
+
+@torch.no_grad()
+def online_fid(ema, rae, n, reference, latent_shape, alpha, num_steps, ctx, seed, rank, world_size, batch_size):
+    """FID of n unguided EMA samples (uniform random classes) against a fid.py reference batch. Every rank samples
+    its share and keeps only Inception pool3 features [n/world, 2048]; rank 0 returns the FID, others None."""
+    import fid
+    device = next(ema.parameters()).device
+    if not _FID:
+        _FID.update(net=fid.InceptionV3.from_pretrained().to(device), ref=fid.load_reference(reference))
+    g = torch.Generator().manual_seed(seed_of(seed, rank))
+    share = -(-n // world_size)
+
+    def batches():
+        for i in range(0, share, batch_size):
+            b = min(batch_size, share - i)
+            y = torch.randint(ema.num_classes, (b,), generator=g).to(device)
+            x = torch.randn(b, *latent_shape, generator=g).to(device)
+            images = generate(ema, rae, y, x, num_steps, alpha, ctx)
+            yield (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1)  # as a saved PNG would hold them
+
+    pool3 = fid.extract_features(_FID['net'], batches(), share, 'online FID', progress=rank == 0)[0]
+    if world_size > 1:
+        parts = [torch.empty_like(pool3) for _ in range(world_size)]
+        dist.all_gather(parts, pool3)
+        pool3 = torch.cat(parts)
+    if rank != 0:
+        return None
+    stats = fid.FeatureStats()
+    stats.update(pool3[:n])
+    return fid.frechet_distance(*stats.mu_sigma(), _FID['ref']['mu'], _FID['ref']['sigma'])
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The script
+
+def main(argv):
+    config = configure(_DEFAULTS, argv)
+    globals().update(config)
+    rank, local_rank, world_size, dev, is_master = setup_ddp(device)
+    for key, value, allowed in [('mode', mode, ('train', 'stats', 'cache')), ('precision', precision, ('bf16', 'fp32')),
+                                ('cache_dtype', cache_dtype, ('float16', 'float32'))]:
+        if value not in allowed:
+            raise SystemExit(f'{key}={value!r}: choose one of {", ".join(allowed)}')
+    if global_batch % (world_size * grad_accum):
+        raise SystemExit(f'global_batch={global_batch} is not divisible by {world_size} ranks x grad_accum={grad_accum}')
+    micro = global_batch // (world_size * grad_accum)  # images per forward on each rank
+    if mode == 'cache' and not latent_cache:
+        raise SystemExit('--mode=cache writes to latent_cache: give --latent_cache=FOLDER')
+    if dev.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ctx = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
+    log = start_log(out_dir, config, dev)
+    if toy and is_master and not all(os.path.exists(p) for p in (data_path, encoder_weights, decoder)):
+        make_toy(data_path, encoder_weights, decoder, image_size, encoder, encoder_overrides, num_classes)
+    if toy and world_size > 1:
+        dist.barrier()
+
+    # The frozen RAE: never DDP-wrapped, never compiled here, always fp32. Statistics and the cache hold raw tokens.
+    from_cache = mode == 'train' and latent_cache is not None
+    rae = RAE.from_pretrained(encoder, image_size, decoder, stats=False if mode != 'train' else stats,
+                              encoder_weights=encoder_weights, load_encoder=not from_cache,
+                              encoder_overrides=encoder_overrides).to(dev)
+    if from_cache:
+        data = LatentCache(latent_cache, seed=global_seed)
+        latent_shape = data.shape[2:]
+        want = (rae.decoder.embed.in_features, rae.decoder.grid, rae.decoder.grid)
+        if latent_shape != want:
+            raise SystemExit(f'{latent_cache}: latents {list(latent_shape)}, but the decoder reads {list(want)}')
+    else:
+        data = ImageFolder(data_path, image_size, 'center', flip=mode == 'train', seed=global_seed)
+        latent_shape = (rae.encoder.patch_embed.out_channels,) + (rae.encoder.input_size // rae.encoder.patch,) * 2
+    if data.labels.max() >= num_classes or max(sample_classes) >= num_classes:
+        raise SystemExit(f'num_classes={num_classes}, but the data has {data.labels.max() + 1} classes and '
+                         f'sample_classes go up to {max(sample_classes)}')
+
+    if mode == 'stats':
+        mean, var = latent_stats(rae, data, rank, world_size, micro, workers, dev)
+        if is_master:  # the released format: {'mean': [C,h,w] or None, 'var': [C,h,w]}; mean None = variance only
+            path = os.path.join(out_dir, 'stat.pt')
+            torch.save({'mean': mean.float().cpu(), 'var': var.float().cpu()}, path + '.tmp')
+            os.replace(path + '.tmp', path)
+            log(f'{path}: mean and variance {list(var.shape)} over {2 * len(data)} latents (both flips); '
+                f'mean |mean| {mean.abs().mean():.4f}, mean var {var.mean():.4f}')
+        return cleanup_ddp()
+    if mode == 'cache':
+        write_cache(rae, data, latent_cache, cache_dtype, rank, world_size, micro, workers, dev, latent_shape)
+        log(f'{latent_cache}: {len(data)} images x 2 flips of {list(latent_shape)} latents ({cache_dtype})')
+        return cleanup_ddp()
+
+    loader, sampler = make_loader(data, micro, rank, world_size, global_seed, workers)
+    steps_per_epoch = sampler.num_samples // (micro * grad_accum)
+    total_steps = max_steps or epochs * steps_per_epoch
+    alpha = shift or shift_alpha(latent_shape)
+
+    # The model is initialised from global_seed on every rank; then each rank gets its own stream.
+    torch.manual_seed(global_seed)
+    dit = build_model(model, latent_shape, num_classes, hidden_size, depth, num_heads).to(dev)
+    ema = make_ema(dit)  # a plain eager copy: made before any compile/DDP wrapper exists (see training.make_ema)
+    torch.manual_seed(global_seed * world_size + rank)
+    opt = torch.optim.AdamW([p for p in dit.parameters() if p.requires_grad], lr=lr, betas=betas,
+                            weight_decay=weight_decay, fused=dev.type == 'cuda')
+    width = dit.final_layer.linear.in_features
+    log(f'{model}: {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M parameters on latents {list(latent_shape)}, '
+        f'alpha {alpha:.4f}, {world_size} ranks x {micro} x {grad_accum} micro-batches, '
+        f'{steps_per_epoch} steps/epoch, {total_steps} steps')
+    if width < latent_shape[0]:
+        log(f'warning: width {width} < token dim {latent_shape[0]}: by Theorem 1 (§4.1) the loss stays above '
+            f'{(latent_shape[0] - width) / latent_shape[0]:.3f}')
+
+    ckpt_dir = os.path.join(out_dir, 'checkpoints')
+    step, epoch, batch = 0, 0, 0  # batch = micro-batches of `epoch` consumed
+    if path := latest_checkpoint(ckpt_dir):
+        c = load_checkpoint(path, model=dit, ema=ema, optimizer=opt)
+        step, epoch, batch = c['step'], c['epoch'], c['batch']
+        log(f'resumed from {path}: step {step}, epoch {epoch}, batch {batch}')
+    ddp = DDP(dit, device_ids=[local_rank] if dev.type == 'cuda' else None, broadcast_buffers=False) \
+        if world_size > 1 else dit
+    net = torch.compile(ddp) if compile else ddp  # compiled DDP: dynamo splits the graph at the gradient buckets
+
+    sampler.set_epoch(epoch, start_batch=batch)
+    micro_batches = iter(loader)
+    bar = tqdm(total=total_steps, initial=step, disable=not is_master, desc='training', unit='step')
+    sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss sum, samples, grad-norm sum since the last log
+    logged, t0 = step, time.perf_counter()
+    while step < total_steps:
+        if batch == steps_per_epoch * grad_accum:  # epoch done; its last images (< one global batch) are left out
+            epoch, batch = epoch + 1, 0
+            sampler.set_epoch(epoch)
+            micro_batches = iter(loader)
+        lr_now = lr_linear_decay(step, lr, lr_final, lr_decay_start * steps_per_epoch, lr_decay_end * steps_per_epoch)
+        for group in opt.param_groups:
+            group['lr'] = lr_now
+        for m in range(grad_accum):
+            inputs, y = next(micro_batches)
+            batch += 1
+            inputs = inputs.to(dev, non_blocking=True)
+            x = rae.normalize(inputs) if from_cache else rae.encode(inputs)  # [micro, C, h, w]
+            rows = rank + world_size * (m * micro + torch.arange(micro))  # DistributedSampler deals rows round-robin
+            eps, t, drop = step_draws(global_seed, step, rows, global_batch, latent_shape, time_dist, alpha,
+                                      class_dropout, dev)
+            y = torch.where(drop, num_classes, y.to(dev))  # the null class
+            # the gradient is the mean over the global batch: DDP averages ranks, we average micro-batches
+            with ddp.no_sync() if m < grad_accum - 1 and world_size > 1 else contextlib.nullcontext():
+                with ctx:
+                    loss = velocity_loss(net, x, y, eps, t)
+                (loss.sum() / (micro * grad_accum)).backward()
+            sums[0] += loss.detach().sum()
+        grad_norm = torch.nn.utils.clip_grad_norm_(dit.parameters(), grad_clip or math.inf)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_ema(ema, dit, ema_decay)
+        step += 1
+        sums[1] += micro * grad_accum
+        sums[2] += grad_norm
+        bar.update()
+
+        if step % log_every == 0 or step == total_steps:
+            total = torch.cat([sums, torch.tensor([float(getattr(data, 'skipped', 0))], dtype=torch.float64, device=dev)])
+            if world_size > 1:
+                dist.all_reduce(total)  # loss at log time only: no sync in the step
+            dt = time.perf_counter() - t0
+            skipped = f' | {int(total[3])} unreadable images skipped' if total[3] else ''
+            log(f'step {step}/{total_steps} | epoch {epoch} | loss {total[0] / total[1]:.6f} | grad '
+                f'{total[2] / world_size / (step - logged):.4f} | lr {lr_now:.3e} | {(step - logged) / dt:.2f} '
+                f'steps/s | {(step - logged) * global_batch / dt:.1f} img/s{skipped}')
+            sums.zero_()
+        if is_master and sample_every and (step % sample_every == 0 or step == total_steps):
+            y = torch.tensor(sample_classes, device=dev)
+            noise = preview_noise(len(y), latent_shape).to(dev)
+            save_grid(generate(ema, rae, y, noise, sample_steps, alpha, ctx),
+                      os.path.join(out_dir, 'samples', f'{step:07d}.png'))
+        if fid_every and step % fid_every == 0:
+            score = online_fid(ema, rae, fid_samples, fid_reference, latent_shape, alpha, sample_steps, ctx,
+                               seed_of(global_seed, step), rank, world_size, micro)
+            log(f'step {step} | FID {score:.3f} ({fid_samples} EMA samples, {sample_steps} Euler steps, unguided)')
+        if step % ckpt_every == 0 or step == total_steps:
+            save_checkpoint(ckpt_dir, step=step, epoch=epoch, batch=batch, config=config, keep=ckpt_keep,
+                            model=dit, ema=ema, optimizer=opt)
+        if step % log_every == 0:
+            logged, t0 = step, time.perf_counter()  # throughput leaves out previews, FID and checkpoints
+    bar.close()
+    cleanup_ddp()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Toy data for CPU smoke runs (configs/tiny.py): synthetic images, a random-weight DINOv2-layout encoder in the
+# Hugging Face hub layout and a random-weight decoder, so the real loading code runs without network
+
+def dinov2_hub_state_dict(enc):
+    """Our DINOv2 Encoder's weights under the names of the hub's Dinov2WithRegistersModel files."""
+    sd = {'embeddings.patch_embeddings.projection.weight': enc.patch_embed.weight,
+          'embeddings.patch_embeddings.projection.bias': enc.patch_embed.bias,
+          'embeddings.cls_token': enc.cls_token, 'embeddings.position_embeddings': enc.pos_embed,
+          'embeddings.register_tokens': enc.register_tokens, 'embeddings.mask_token': torch.zeros_like(enc.cls_token[0]),
+          'layernorm.weight': torch.ones(enc.cls_token.shape[-1]), 'layernorm.bias': torch.zeros(enc.cls_token.shape[-1])}
+    for i, b in enumerate(enc.blocks):
+        p = f'encoder.layer.{i}.'
+        for s in ('weight', 'bias'):
+            for name, part in zip(('query', 'key', 'value'), getattr(b.attn.qkv, s).chunk(3)):
+                sd[p + f'attention.attention.{name}.{s}'] = part
+            for ours, theirs in [(b.attn.proj, 'attention.output.dense'), (b.norm1, 'norm1'), (b.norm2, 'norm2'),
+                                 (b.fc1, 'mlp.fc1'), (b.fc2, 'mlp.fc2')]:
+                sd[p + f'{theirs}.{s}'] = getattr(ours, s)
+        sd[p + 'layer_scale1.lambda1'], sd[p + 'layer_scale2.lambda1'] = b.ls1, b.ls2
+    return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+
+
+def make_toy(data_path, encoder_file, decoder_file, image_size, encoder, overrides, num_classes, per_class=24):
+    """Write data_path/class<k>/<i>.png (a coloured square on a background of the class's hue, random sizes),
+    a tiny random DINOv2 encoder (hub layout) and a matching random decoder (our layout)."""
+    if not encoder.startswith('dinov2') or not overrides:
+        raise SystemExit('toy=True makes a tiny dinov2 file: set encoder=dinov2-* and encoder_overrides')
+    rng = np.random.default_rng(0)
+    for c in range(num_classes):
+        os.makedirs(os.path.join(data_path, f'class{c:03d}'), exist_ok=True)
+        colour = 255 * np.array(colorsys.hsv_to_rgb(c / num_classes, 0.8, 0.9))
+        for i in range(per_class):
+            h, w = rng.integers(image_size, image_size * 3 // 2, size=2)
+            img = np.clip(colour + rng.normal(0, 20, (h, w, 3)), 0, 255)
+            top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
+            img[top:top + h // 3, left:left + w // 3] = 255 - colour
+            Image.fromarray(img.astype(np.uint8)).save(os.path.join(data_path, f'class{c:03d}', f'{i:03d}.png'))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        enc = Encoder(**dict(ENCODERS[encoder], name=encoder, **overrides))
+        with torch.no_grad():  # the published files carry non-zero embeddings
+            for p in (enc.cls_token, enc.register_tokens, enc.pos_embed):
+                p.normal_(std=0.5)
+        grid = enc.input_size // enc.patch
+        dec = Decoder(token_dim=enc.patch_embed.out_channels, width=64, depth=1, heads=1, mlp_hidden=128, grid=grid,
+                      patch=image_size // grid)
+    for path, sd in [(encoder_file, dinov2_hub_state_dict(enc)), (decoder_file, dec.state_dict())]:
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        torch.save(sd, path)
+    print0(f'toy data: {num_classes} x {per_class} images in {data_path}, random RAE {encoder_file}, {decoder_file}')
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

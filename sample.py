@@ -1,0 +1,266 @@
+"""
+Sample ImageNet images with DiT^DH on RAE latents: the authors' released weights by default, or your own checkpoint.
+
+    python sample.py --class 207                              # 4 golden retrievers -> samples.png
+    python sample.py --class 207 360 88 --n 8 --autoguidance  # AutoGuidance with the released guide (w = 1.42 at 256)
+    python sample.py --class 207 --cfg 2.0 --cfg-interval 0 0.7   # CFG, only where the shifted time t <= 0.7
+    python sample.py --resolution 512 --class 88 --autoguidance   # 512 px (guide w = 1.5)
+    python sample.py --ckpt runs/dit/0100000.pt --class 207   # a checkpoint of our own training (EMA weights)
+    torchrun --nproc_per_node=8 sample.py --num-samples 50000 --out samples.npz --autoguidance   # FID set
+
+Pipeline: noise z ~ N(0, I) [B, 768, h, w] -> Euler (or Heun) on the shifted grid from t = 1 to t = shift(0.001),
+velocity from the DiT (guided or not) -> RAE decoder -> pixels in [0, 1] -> 8 bits.
+
+--num-samples N --out x.npz writes the ADM evaluator's format: arr_0 = uint8 [N, H, W, 3], arr_1 = the labels,
+exactly N / 1000 images per class in a fixed shuffled order. Sample i always gets the same noise (seeded by
+(--seed, i)), so the set does not depend on the number of GPUs or the batch size. Finished batches are kept in
+x.npz.parts/ and an interrupted run resumes there. Pixels are quantised by rounding, round(255 x) (as ADM and
+torchvision do; the authors' sample_ddp.py truncates, a -0.5/255 bias).
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm.auto import tqdm
+
+import rae
+
+DIT_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes, when none are given
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--class', dest='classes', type=int, nargs='+', default=None, help='ImageNet class ids')
+    p.add_argument('--unconditional', action='store_true', help='null label everywhere')
+    p.add_argument('--n', type=int, default=4, help='samples per class in the PNG grid')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--steps', type=int, default=50, help='grid points (the released 50 = 49 updates)')
+    p.add_argument('--sampler', default='euler', help='euler | heun')
+    p.add_argument('--cfg', type=float, default=1.0, help='classifier-free guidance scale w (1 = off)')
+    p.add_argument('--cfg-interval', type=float, nargs=2, default=(0.0, 1.0), metavar=('T_MIN', 'T_MAX'),
+                   help='guide only where t_min <= t <= t_max (shifted time, 1 = noise); also for AutoGuidance')
+    p.add_argument('--autoguidance', nargs='?', const='released', default=None, metavar='W',
+                   help='AutoGuidance scale (alone: the released 1.42 / 1.5)')
+    p.add_argument('--guide', default=None, help='guide checkpoint for AutoGuidance (default: the released DiT^DH-S)')
+    p.add_argument('--resolution', type=int, default=256, help='256 | 512')
+    p.add_argument('--ckpt', default=None, help='DiT checkpoint of our own training (default: the released DiT^DH-XL)')
+    p.add_argument('--num-samples', type=int, default=None, help='write an ADM npz of this many samples')
+    p.add_argument('--out', default=None, help='output .png (grid) or .npz (with --num-samples)')
+    p.add_argument('--batch-size', type=int, default=32, help='per device')
+    p.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    p.add_argument('--precision', default='fp32', help='fp32 | bf16 (autocast; the authors recommend fp32)')
+    p.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=True, help='TF32 matmuls on GPU')
+    return p.parse_args(argv)
+
+
+def check_args(a):
+    """Everything that can be checked before loading a model, one line each."""
+    if a.resolution not in rae.RELEASED_DITS:
+        raise ValueError(f'--resolution {a.resolution}: released checkpoints exist for '
+                         f'{" and ".join(map(str, rae.RELEASED_DITS))} px only')
+    if a.sampler not in ('euler', 'heun') or a.precision not in ('fp32', 'bf16'):
+        raise ValueError(f'--sampler must be euler or heun, --precision fp32 or bf16 (got {a.sampler}, {a.precision})')
+    if a.steps < 2 or a.n < 1 or a.batch_size < 1:
+        raise ValueError('--steps must be >= 2, --n and --batch-size >= 1')
+    if a.autoguidance not in (None, 'released'):
+        try:
+            a.autoguidance = float(a.autoguidance)
+        except ValueError:
+            raise ValueError(f'--autoguidance expects a scale w, e.g. 1.42 (got {a.autoguidance!r})') from None
+    if a.cfg != 1 and a.autoguidance is not None:
+        raise ValueError('use either --cfg or --autoguidance, not both')
+    if a.cfg != 1 and a.unconditional:
+        raise ValueError('--cfg needs class labels; unconditional sampling can use --autoguidance')
+    if a.num_samples is not None and a.num_samples < 1:
+        raise ValueError(f'--num-samples must be positive (got {a.num_samples})')
+    bad = [c for c in a.classes or [] if not 0 <= c < 1000]
+    if bad:  # before any download (checked again against the model's own classes once it is loaded)
+        raise ValueError(f'--class {bad[0]} is outside [0, 999]')
+    if a.num_samples is not None and a.classes:
+        raise ValueError('--class does not go with --num-samples: the FID set is balanced over all classes')
+    a.out = a.out or ('samples.npz' if a.num_samples else 'samples.png')
+    if (a.num_samples is not None) != a.out.endswith('.npz'):
+        raise ValueError('an .npz --out goes with --num-samples N, a grid is written as .png')
+    parent = Path(a.out).resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or Path(a.out).is_dir():
+        raise ValueError(f'cannot write {a.out}: {parent} is not a writable directory')
+
+
+def load_models(a, device):
+    """The RAE decoder, the DiT and (AutoGuidance) the guide, checked to agree on the latent shape."""
+    autoencoder = rae.RAE.from_pretrained('dinov2-b', resolution=a.resolution, load_encoder=False)
+    model = rae.load_dit(a.ckpt) if a.ckpt else rae.released_dit(a.resolution)
+    guide = None
+    if a.autoguidance is not None:
+        guide = rae.load_dit(a.guide) if a.guide else rae.released_dit(a.resolution, guide=True)
+        if a.autoguidance == 'released':
+            a.autoguidance = rae.RELEASED_DITS[a.resolution]['autoguidance']
+    var = autoencoder.latent_var  # the statistics have the latent's shape [C, h, w]
+    want = tuple(var.shape) if var is not None else None
+    for name, m in [('--ckpt' if a.ckpt else 'DiT', model), ('--guide' if a.guide else 'guide', guide)]:
+        if m is None:
+            continue
+        got = (m.in_channels, m.input_size, m.input_size)
+        if want is not None and got != want:
+            raise ValueError(f'{name} is a model of {list(got)} latents, but the {a.resolution} px RAE decodes '
+                             f'{list(want)}: a checkpoint of a different model size or resolution')
+        if m.num_classes != model.num_classes:
+            raise ValueError(f'{name} has {m.num_classes} classes, the DiT {model.num_classes}')
+    return autoencoder.to(device).eval(), model.to(device), guide.to(device) if guide is not None else None
+
+
+def noise(indices, shape, seed):
+    """z_i ~ N(0, I) from its own generator seeded by (seed, i): independent of batching and world size."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 2 ** 32 + i))
+                        for i in indices])
+
+
+@torch.no_grad()
+def generate(a, autoencoder, model, guide, z, y, progress=False):
+    """Noise [B, C, h, w] and labels [B] -> uint8 images [B, H, W, 3] (numpy)."""
+    device = next(model.parameters()).device
+    velocity = rae.guided_velocity(model, y.to(device), cfg_scale=a.cfg, cfg_interval=tuple(a.cfg_interval),
+                                   guide=guide, guide_scale=a.autoguidance or 1.0)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == 'bf16'):
+        x = rae.sample_ode(velocity, z.to(device), a.steps, rae.shift_alpha(z.shape[1:]), method=a.sampler,
+                           progress=progress)
+    images = autoencoder.decode(x.float()).clamp(0, 1)  # the decoder in fp32
+    images = images.mul(255).add(0.5).floor().clamp(0, 255).to(torch.uint8)  # round to nearest
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, ncol, path, pad=2):
+    """uint8 [B, H, W, 3] -> one PNG, ncol images per row, pad px of black around each (torchvision's layout)."""
+    B, H, W, _ = images.shape
+    nrow = math.ceil(B / ncol)
+    grid = np.zeros((pad + nrow * (H + pad), pad + ncol * (W + pad), 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = img
+    Image.fromarray(grid).save(path)
+
+
+def balanced_labels(n, num_classes, seed):
+    """Exactly n / num_classes of each class, shuffled with a fixed seed (so every rank agrees)."""
+    if n % num_classes:
+        raise ValueError(f'--num-samples {n} is not a multiple of the {num_classes} classes: the labels could not '
+                         'be balanced exactly')
+    labels = torch.arange(num_classes).repeat(n // num_classes)
+    return labels[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+
+
+def write_npz(a, autoencoder, model, guide, rank, world):
+    """Sample a.num_samples images in batches (batch b on rank b % world), then pack arr_0/arr_1 on rank 0."""
+    N, bs = a.num_samples, a.batch_size
+    shape = (model.in_channels, model.input_size, model.input_size)
+    labels = torch.full((N,), model.num_classes) if a.unconditional else balanced_labels(N, model.num_classes, a.seed)
+    parts = Path(a.out + '.parts')
+    run = {k: getattr(a, k) for k in ('ckpt', 'guide', 'resolution', 'steps', 'sampler', 'cfg', 'cfg_interval',
+                                      'autoguidance', 'unconditional', 'seed', 'num_samples', 'batch_size',
+                                      'precision')}
+    run['cfg_interval'] = list(run['cfg_interval'])
+    if rank == 0:
+        parts.mkdir(exist_ok=True)
+        if (parts / 'run.json').exists():
+            old = json.loads((parts / 'run.json').read_text())
+            diff = [f'{k} {old.get(k)!r} -> {v!r}' for k, v in run.items() if old.get(k) != v]
+            if diff:
+                raise ValueError(f'{parts} holds batches of a different run ({", ".join(diff)}); delete it or '
+                                 'choose another --out')
+        (parts / 'run.json').write_text(json.dumps(run))
+    barrier()
+    n_batches = math.ceil(N / bs)
+    done = {b for b in range(n_batches) if (parts / f'{b:06d}.npy').exists()}
+    if rank == 0 and done:
+        print(f'resuming: {len(done)} of {n_batches} batches already in {parts}')
+    todo = [b for b in range(rank, n_batches, world) if b not in done]
+    for b in tqdm(todo, desc=f'sampling {N} images', disable=rank != 0):
+        idx = range(b * bs, min(N, (b + 1) * bs))
+        images = generate(a, autoencoder, model, guide, noise(idx, shape, a.seed), labels[idx.start:idx.stop])
+        with open(parts / f'{b:06d}.npy.tmp', 'wb') as f:
+            np.save(f, images)
+        os.replace(parts / f'{b:06d}.npy.tmp', parts / f'{b:06d}.npy')  # a killed run never leaves half a batch
+    barrier()
+    if rank == 0:
+        pack_npz(a.out, [parts / f'{b:06d}.npy' for b in range(n_batches)], labels.numpy())
+        shutil.rmtree(parts)
+        print(f'wrote {a.out}: arr_0 uint8 {list(np.load(a.out, mmap_mode="r")["arr_0"].shape)}, arr_1 labels')
+
+
+def pack_npz(path, part_files, labels):
+    """np.savez's layout (arr_0, arr_1 in a zip), streamed part by part: 50k images never sit in memory at once."""
+    first = np.load(part_files[0], mmap_mode='r')
+    shape = (len(labels), *first.shape[1:])
+    with zipfile.ZipFile(path + '.tmp', 'w', zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open('arr_0.npy', 'w', force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {'descr': '|u1', 'fortran_order': False, 'shape': shape})
+            for p in tqdm(part_files, desc=f'packing {path}', leave=False):
+                f.write(np.ascontiguousarray(np.load(p)).tobytes())
+        with zf.open('arr_1.npy', 'w') as f:
+            np.lib.format.write_array(f, labels.astype(np.int64))
+    os.replace(path + '.tmp', path)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def run(a):
+    check_args(a)
+    world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
+    device = torch.device(a.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if world > 1:
+        if a.num_samples is None:
+            raise ValueError('torchrun is for --num-samples N --out x.npz; a grid needs one process')
+        if device.type == 'cuda':
+            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = a.tf32
+    if rank != 0:
+        barrier()  # rank 0 downloads first; the others then hit the cache
+    autoencoder, model, guide = load_models(a, device)
+    if rank == 0:
+        barrier()
+    if a.num_samples is not None:
+        write_npz(a, autoencoder, model, guide, rank, world)
+    else:
+        if a.unconditional:
+            y = torch.full((a.n,), model.num_classes)
+        else:
+            classes = a.classes or DIT_CLASSES
+            bad = [c for c in classes if not 0 <= c < model.num_classes]
+            if bad:
+                raise ValueError(f'--class {bad[0]} is outside [0, {model.num_classes - 1}]')
+            y = torch.tensor(classes).repeat_interleave(a.n)
+        shape = (model.in_channels, model.input_size, model.input_size)
+        batches = [range(i, min(i + a.batch_size, len(y))) for i in range(0, len(y), a.batch_size)]
+        images = np.concatenate([generate(a, autoencoder, model, guide, noise(b, shape, a.seed), y[b.start:b.stop],
+                                          progress=True) for b in batches])
+        save_grid(images, a.n, a.out)
+        what = 'unconditional' if a.unconditional else f'class {", ".join(map(str, classes))}'
+        print(f'wrote {a.out}: {len(images)} samples ({what}), {a.n} per row')
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    try:
+        run(a)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f'error: {e}') from None
+
+
+if __name__ == '__main__':
+    main()

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fid
@@ -352,60 +353,58 @@ def to_8bit(x):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Training script. Defaults = the released recipe (DINOv2-B, ViT-XL decoder, 256 px, 16 epochs, facts §3);
-# configs/decoder_*.py override them, then --key=value (training.configure). Every config names its launch line.
-
+# The script. Defaults: the released recipe (DINOv2-B, ViT-XL decoder, 256 px, 16 epochs; configs/decoder_xl.py).
+# Config files are executed over them, then --key=value overrides; a run resumes from its newest checkpoint.
 # I/O
-out_dir = 'results/decoder-xl'      # log.txt and checkpoints/; training resumes from the latest checkpoint there
-data_dir = 'data/imagenet/train'    # ImageNet-style folder <class>/<image>
-val_dir = ''                        # images for PSNR / rFID after the ADM centre crop ('' = no evaluation)
-rfid_ref = ''                       # statistics of the same crops of val_dir: python fid.py --write-ref REF.npz VAL
-eval_every = 0                      # steps between evaluations (0: once, at the end of training)
-eval_images = 0                     # first N images of val_dir (sorted paths) to evaluate (0: all)
-log_every = 100                     # steps between log lines (losses averaged over the steps and the ranks)
-ckpt_every = 0                      # steps between checkpoints, besides the one at the end of every epoch
-keep_ckpts = 2                      # checkpoints kept (0: all)
-# model
-encoder = 'dinov2-b'                # rae.ENCODERS: dinov2-s/b/l, siglip2-b, mae-b
-encoder_weights = ''                # a local file/folder in the published layout ('' downloads it)
-encoder_overrides = {}              # Encoder.from_pretrained overrides (width=, depth=, ...: tiny stand-ins)
+out_dir = 'runs/decoder'            # log.txt and checkpoints/<step>.pt
+mode = 'train'                      # 'train'; 'eval': PSNR + rFID of a decoder; 'reconstruct': one image file
+data_path = 'data/imagenet/train'   # ImageNet-style folder root/<class>/<image>
+val_path = None                     # images for PSNR and rFID after the ADM centre crop (ImageNet val); None: no eval
+rfid_reference = None               # fid.py statistics of those crops: python fid.py --write-ref REF.npz VAL_PATH
+eval_every = 0                      # steps between evaluations of the EMA decoder (0: at the end of training only)
+eval_images = 0                     # the first N images of val_path in sorted order (0: all)
+image = None                        # mode='reconstruct': an image file; writes recon_out = centre crop | reconstruction
+recon_out = 'recon.png'
+decoder = None                      # for eval/reconstruct: a checkpoint or decoder file, 'released'; None: newest
+toy = False                         # True: first write random-weight stand-ins for missing weight files, and toy images
+# the autoencoder
+encoder = 'dinov2-b'                # rae.ENCODERS: dinov2-s/b/l, siglip2-b, mae-b (frozen)
+encoder_weights = None              # a local file in the published layout; None downloads it
+encoder_overrides = None            # preset changes, e.g. dict(width=32, depth=2, ...) for a tiny random file
 decoder_size = 'XL'                 # rae.DECODERS: B, L, XL
-decoder_arch = {}                   # width/depth/heads/mlp_hidden instead of decoder_size (tiny decoders)
-decoder_patch = 16                  # p_d; image_size // p_d tokens a side, so p_d = 32 decodes 16x16 tokens to 512 px
-image_size = 256                    # training crop, taken from a 1.5x short-side resize (384 px at 256)
-noise_tau = 0.8                     # noise augmentation: z + sigma eps, sigma ~ tau U(0, 1) per image (§4.3)
+decoder_arch = None                 # dict(width=, depth=, heads=, mlp_hidden=) instead of a preset
+decoder_patch = 16                  # p_d: image_size / p_d tokens a side; 32 decodes 16 x 16 tokens to 512 px (§6.1)
+image_size = 256                    # random crops of a 1.5x short-side resize (384 px at 256), no flips
+noise_tau = 0.8                     # z + sigma eps, sigma ~ tau U(0, 1) per image, in training steps only (§4.3)
 # losses (App. E.2)
 perceptual_weight = 1.0             # LPIPS from the first step
 disc_weight = 0.75                  # w_G, times the adaptive lambda
-disc_start_epoch = 8                # the GAN loss enters the decoder's objective from this epoch
-disc_update_start_epoch = 6         # the discriminator trains from this epoch (two epochs before it is used)
-lpips_vgg_weights = ''              # local torchvision VGG16 file ('' downloads it)
-lpips_lin_weights = ''              # local LPIPS v0.1 heads ('' downloads them)
-disc_weights = ''                   # local DINO ViT-S/8 file ('' downloads the authors' copy)
-disc_overrides = {}                 # Encoder.from_pretrained overrides for the discriminator backbone
-disc_key_depths = (2, 5, 8, 11)     # backbone blocks whose tokens get a head (plus the last output)
-# optimisation: AdamW for the decoder and the heads alike
-epochs = 16
+disc_start_epoch = 8                # the GAN loss joins the decoder's objective from this epoch ...
+disc_update_start_epoch = 6         # ... and the discriminator trains from this one
+lpips_weights = None                # (torchvision VGG16 file, LPIPS heads file); None downloads both
+disc_weights = None                 # the DINO ViT-S/8 backbone file; None downloads the authors' copy
+disc_overrides = None               # preset changes for that backbone (tiny stand-ins)
+disc_key_depths = (2, 5, 8, 11)     # blocks whose tokens get a head, besides the last output
+# optimisation: AdamW for the decoder and the discriminator heads alike
 global_batch = 512
-lr = 2e-4
-final_lr = 2e-5                     # cosine from lr to final_lr at decay_end_epoch, constant after
-warmup_epochs = 1                   # linear from 0
-decay_end_epoch = 16
+epochs = 16
+lr = 2e-4                           # linear from 0 over warmup_epochs, then cosine to lr_final at epoch lr_decay_end
+lr_final = 2e-5
+warmup_epochs = 1
+lr_decay_end = 16
 betas = (0.9, 0.95)
 weight_decay = 0.0
 ema_decay = 0.9978                  # per step, no warm-up
 # system
-device = None                       # None: CUDA when available; 'cpu' forces the CPU
-precision = 'bf16'                  # 'bf16' (autocast) or 'fp32'
-compile = True                      # torch.compile the RAE, LPIPS and the discriminator (after the EMA copy)
-workers = 8                         # data loading processes per GPU
+device = None                       # None: CUDA when available; 'cpu'
+precision = 'bf16'                  # 'bf16' autocast or 'fp32' (TF32 matmuls on a GPU either way)
+compile = True                      # torch.compile the RAE, LPIPS and the discriminator's backbone, after the EMA copy
 global_seed = 0
-make_tiny = False                   # write random-weight stand-ins for missing weight files and a synthetic data_dir
-# commands instead of training
-reconstruct = ''                    # an image file: write its centre crop and reconstruction side by side, exit
-recon_out = 'recon.png'
-eval_only = False                   # evaluate a decoder on val_dir (PSNR, rFID) and exit
-decoder_ckpt = ''                   # decoder for those: a checkpoint or decoder file, 'released', or '' (latest here)
+workers = 8                         # data loader processes per rank
+log_every = 100
+ckpt_every = 0                      # steps between checkpoints, besides the one closing every epoch (0: those only)
+ckpt_keep = 3
+_DEFAULTS = {k: v for k, v in globals().items() if not k.isupper()}  # the components' CONSTANTS are no config
 
 
 def psnr(x, y):
@@ -415,13 +414,12 @@ def psnr(x, y):
 
 
 def generator_step(ddp_model, lpips, disc, opt, images, use_gan, ctx):
-    """One decoder update on noise-augmented latents: L1 + LPIPS, plus lambda-weighted GAN loss once use_gan."""
-    decoder = unwrap(ddp_model).decoder
+    """One decoder update on noise-augmented latents: L1 + LPIPS, plus the lambda-weighted GAN loss once use_gan."""
     disc.eval().requires_grad_(False)  # a fixed critic here: stored spectral norms, no gradients into the heads
     with ctx:
         recon = ddp_model(images)  # train mode: encode, add noise, decode
-        loss, logs = decoder_loss(recon.float(), images, lpips, disc if use_gan else None, decoder.pred.weight,
-                                  perceptual_weight, disc_weight)
+        loss, logs = decoder_loss(recon.float(), images, lpips, disc if use_gan else None,
+                                  unwrap(ddp_model).decoder.pred.weight, perceptual_weight, disc_weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -430,7 +428,7 @@ def generator_step(ddp_model, lpips, disc, opt, images, use_gan, ctx):
 
 def discriminator_step(model, ddp_disc, opt_d, images, ctx):
     """One hinge update of the heads on fresh reconstructions made without latent noise, quantised to 8 bits."""
-    model.eval()  # no noise augmentation (the reference re-decodes in eval mode; PR #43 stopped reusing G's output)
+    model.eval()  # no noise augmentation (the reference re-decodes in eval mode since its PR #43)
     with torch.no_grad(), ctx:
         fake = to_8bit(model(images).float() * 2 - 1)
     model.train()
@@ -446,25 +444,25 @@ def discriminator_step(model, ddp_disc, opt_d, images, ctx):
 
 
 @torch.no_grad()
-def evaluate(model, folder, n=0, batch_size=32, ref=None, inception=None):
-    """PSNR (per image, averaged) and rFID of model's reconstructions of the ADM centre crops of `folder`.
+def evaluate(model, folder, n=0, reference=None, inception=None, batch_size=32):
+    """({'PSNR': mean per-image dB, 'rFID': ...}, images) of model's reconstructions of the ADM centre crops of folder.
 
-    Reconstructions are rounded to 8 bits like saved PNGs. rFID compares them with `ref`, statistics of the same
-    crops (fid.py --write-ref), not with a generation reference batch (the authors' users mixed these up, #11).
-    Ranks split the images; rank 0 runs Inception on all reconstructions, gathered batch by batch.
+    Reconstructions are rounded to 8 bits as saved PNGs. rFID compares them with `reference`, statistics of the same
+    crops (fid.py --write-ref): not a generation reference batch, which the authors' users mixed up (their #11).
+    Ranks split the images; rank 0 runs Inception on all the reconstructions, gathered batch by batch.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = next(model.parameters()).device
+    dev = next(model.parameters()).device
     src = fid.FolderImages(folder, crop=image_size, workers=min(workers, 4))
     files = src.files[:n or None]
     src.files = files[:len(files) - len(files) % world][rank::world]  # equal shares: all_gather needs equal shapes
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # PSNR sum, count
+    total = torch.zeros(2, dtype=torch.float64, device=dev)  # PSNR sum, images
 
     def batches():
         for b in src.batches(batch_size):
-            x = torch.from_numpy(b).to(device).permute(0, 3, 1, 2).float() / 255
+            x = torch.from_numpy(b).to(dev).permute(0, 3, 1, 2).float() / 255
             y = model(x).clamp(0, 1).mul(255).round().to(torch.uint8)  # rounded, not truncated (facts §13.9)
-            total.add_(torch.stack([psnr(y.float() / 255, x).sum(), torch.tensor(len(x), device=device)]))
+            total.add_(torch.stack([psnr(y.float() / 255, x).sum(), torch.tensor(len(x), device=dev)]))
             y = y.permute(0, 2, 3, 1).contiguous()
             if world > 1:
                 parts = [torch.empty_like(y) for _ in range(world)]
@@ -473,30 +471,29 @@ def evaluate(model, folder, n=0, batch_size=32, ref=None, inception=None):
             yield y
 
     out = {}
-    if ref is not None and rank == 0:
-        out['rFID'] = fid.evaluate(batches(), ref, model=inception, pr=False, progress=False)['FID']
+    if reference is not None and rank == 0:
+        out['rFID'] = fid.evaluate(batches(), reference, model=inception, pr=False, progress=False)['FID']
     else:
         for _ in batches():
             pass
     if world > 1:
         dist.all_reduce(total)
-    out['PSNR'] = (total[0] / total[1]).item()
-    return out, int(total[1].item())
+    return {'PSNR': (total[0] / total[1]).item(), **out}, int(total[1])
 
 
 def pretrained_rae():
-    """The RAE with decoder_ckpt's decoder (EMA weights of a checkpoint), through RAE.from_pretrained."""
-    path = decoder_ckpt or latest_checkpoint(os.path.join(out_dir, 'checkpoints'))
+    """The RAE with the decoder named by `decoder` (a checkpoint's EMA weights), through RAE.from_pretrained."""
+    path = decoder or latest_checkpoint(os.path.join(out_dir, 'checkpoints'))
     if not path:
-        raise SystemExit(f'no checkpoint in {out_dir}/checkpoints: train first, or give --decoder_ckpt=PATH '
-                         f'or --decoder_ckpt=released')
+        raise SystemExit(f'no checkpoint in {out_dir}/checkpoints: train first, or give --decoder=FILE or '
+                         '--decoder=released')
     return rae.RAE.from_pretrained(encoder, image_size, decoder=None if path == 'released' else path, stats=False,
-                                   encoder_weights=encoder_weights or None, encoder_overrides=encoder_overrides)
+                                   encoder_weights=encoder_weights, encoder_overrides=encoder_overrides).eval()
 
 
 @torch.no_grad()
 def reconstruct_file(model, path, out):
-    """ADM centre crop of an image file | its reconstruction, side by side in one PNG; returns the PSNR."""
+    """Write the ADM centre crop of an image file and its reconstruction side by side to `out`; -> PSNR in dB."""
     size = model.decoder.grid * model.decoder.patch
     with Image.open(path) as im:
         crop = np.array(rae.center_crop_arr(im.convert('RGB'), size))
@@ -506,21 +503,21 @@ def reconstruct_file(model, path, out):
     return psnr(y.float() / 255, x).item()
 
 
-def write_tiny_standins(seed=0):
-    """make_tiny: random-weight stand-ins in the published layouts for every weight file the config names but that
-    does not exist (DINOv2 hub names, DINO v1 timm names, torchvision VGG16 + LPIPS heads), and a data_dir of
-    synthetic images if it is missing; so a tiny config runs with no network and no ImageNet."""
+def write_toy(seed=0):
+    """toy=True: random-weight stand-ins, in the published layouts, for each weight file the config names that does
+    not exist (DINOv2 hub names, DINO v1 timm names, torchvision VGG16 + LPIPS heads), and 64 synthetic images
+    (coloured ellipses on gradients, 48-96 px) if data_path is missing: the real loading code runs, offline."""
     torch.manual_seed(seed)
 
     def save(path, sd, what):
         os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
         torch.save({k: v.detach().clone().contiguous() for k, v in sd.items()}, path)
-        print0(f'make_tiny: wrote {path} ({what}, random weights)')
+        print0(f'toy: wrote {path} ({what}, random weights)')
 
     if encoder_weights and not os.path.exists(encoder_weights):
         if not encoder.startswith('dinov2'):
-            raise SystemExit(f'make_tiny writes DINOv2 stand-ins only, not {encoder}')
-        enc = rae.Encoder(**dict(rae.ENCODERS[encoder], **encoder_overrides))
+            raise SystemExit(f'toy=True writes DINOv2 stand-ins only, not {encoder}')
+        enc = rae.Encoder(**dict(rae.ENCODERS[encoder], **(encoder_overrides or {})))
         nn.init.normal_(enc.pos_embed, std=0.02)
         sd = {'embeddings.cls_token': enc.cls_token, 'embeddings.position_embeddings': enc.pos_embed,
               'embeddings.register_tokens': enc.register_tokens,
@@ -531,148 +528,160 @@ def write_tiny_standins(seed=0):
         for k, v in enc.state_dict().items():
             if k.startswith('blocks.'):
                 _, i, name = k.split('.', 2)
-                if name.startswith('attn.qkv.'):  # the hub stores query, key, value apart
+                if name.startswith('attn.qkv.'):  # the hub stores query, key and value apart
                     for part, t in zip(('query', 'key', 'value'), v.chunk(3)):
                         sd[f'encoder.layer.{i}.attention.attention.{part}.{name[9:]}'] = t
                     continue
                 ours, theirs = next((a, b) for a, b in names if name.startswith(a))
                 sd[f'encoder.layer.{i}.{theirs}{name[len(ours):]}'] = v
-        save(encoder_weights, sd, f'{encoder} layout')
+        save(encoder_weights, sd, f'{encoder} hub layout')
     if disc_weights and not os.path.exists(disc_weights):
-        dino = rae.Encoder(**dict(rae.ENCODERS['dino-s8'], **disc_overrides))
+        dino = rae.Encoder(**dict(rae.ENCODERS['dino-s8'], **(disc_overrides or {})))
         nn.init.normal_(dino.pos_embed, std=0.02)
         save(disc_weights, {k.replace('patch_embed.', 'patch_embed.proj.').replace('.fc', '.mlp.fc'): v
                             for k, v in dino.state_dict().items()}, 'DINO ViT-S/8 timm layout')
-    if lpips_vgg_weights and lpips_lin_weights and not os.path.exists(lpips_vgg_weights):
+    if lpips_weights and not os.path.exists(lpips_weights[0]):
         m = LPIPS(widths=(8, 16, 32, 32, 32))  # a narrow VGG16
-        save(lpips_vgg_weights, m.features.state_dict(prefix='features.'), 'torchvision VGG16 layout')
-        save(lpips_lin_weights, {f'lin{i}.model.1.weight': lin.weight.abs() for i, lin in enumerate(m.lins)},
+        save(lpips_weights[0], m.features.state_dict(prefix='features.'), 'torchvision VGG16 layout')
+        save(lpips_weights[1], {f'lin{i}.model.1.weight': lin.weight.abs() for i, lin in enumerate(m.lins)},
              'LPIPS heads')
-    if not os.path.exists(data_dir):  # 2 classes x 32 images: gradients with coloured ellipses, 48 to 96 px
+    if not os.path.exists(data_path):
         rng = np.random.default_rng(seed)
         for c in range(2):
-            os.makedirs(os.path.join(data_dir, f'class{c}'))
+            os.makedirs(os.path.join(data_path, f'class{c}'))
             for i in range(32):
                 h, w = rng.integers(48, 97, size=2)
-                yy, xx = np.mgrid[:h, :w] / max(h, w)
-                img = rng.uniform(.2, .8, 3) + rng.uniform(-.5, .5, 3) * xx[..., None] + \
-                    rng.uniform(-.5, .5, 3) * yy[..., None]
+                yy, xx = (g[..., None] / max(h, w) for g in np.mgrid[:h, :w])  # [h, w, 1]
+                img = rng.uniform(.2, .8, 3) + rng.uniform(-.5, .5, 3) * xx + rng.uniform(-.5, .5, 3) * yy
                 for _ in range(3):
                     cy, cx, ry, rx = rng.uniform(0, 1, 2).tolist() + rng.uniform(0.1, 0.4, 2).tolist()
-                    img[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1] = rng.uniform(0, 1, 3)
-                Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(
-                    os.path.join(data_dir, f'class{c}', f'{i:03d}.png'))
-        print0(f'make_tiny: wrote 64 synthetic images to {data_dir}')
+                    img[(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1)[..., 0]] = rng.uniform(0, 1, 3)
+                path = os.path.join(data_path, f'class{c}', f'{i:03d}.png')
+                Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(path)
+        print0(f'toy: wrote 64 synthetic images to {data_path}')
 
 
-def main():
-    config = configure({k: v for k, v in globals().items() if not k.isupper()}, sys.argv[1:])  # CONSTANTS aside
+def main(argv):
+    config = configure(_DEFAULTS, argv)
     globals().update(config)
-    if precision not in ('fp32', 'bf16'):
-        raise SystemExit(f"precision={precision!r}: expected 'fp32' or 'bf16'")
-    if image_size % decoder_patch:
-        raise SystemExit(f'image_size {image_size} is not a multiple of decoder_patch {decoder_patch}')
-    if make_tiny:
-        write_tiny_standins()
     rank, _, world_size, dev, is_master = setup_ddp(device)
-    if hasattr(torch.backends.cuda.matmul, 'fp32_precision'):  # TF32 matmuls and convolutions (fid.py turns it off)
+    for key, value, allowed in [('mode', mode, ('train', 'eval', 'reconstruct')),
+                                ('precision', precision, ('bf16', 'fp32'))]:
+        if value not in allowed:
+            raise SystemExit(f'{key}={value!r}: choose one of {", ".join(allowed)}')
+    if global_batch % world_size or image_size % decoder_patch:
+        raise SystemExit(f'global_batch={global_batch} must divide by {world_size} ranks and image_size={image_size} '
+                         f'by decoder_patch={decoder_patch}')
+    if (mode == 'reconstruct' and not image) or (mode == 'eval' and not val_path):
+        raise SystemExit(f"mode={mode!r} needs {'--image=FILE' if mode == 'reconstruct' else '--val_path=FOLDER'}")
+    if hasattr(torch.backends.cuda.matmul, 'fp32_precision'):  # TF32 (new API, as fid.py's exact_fp32 reads it)
         torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = 'tf32'
     else:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == 'bf16' else nullcontext()
-    try:
-        if reconstruct or eval_only:
+    if toy and is_master:
+        write_toy()
+    if toy and world_size > 1:
+        dist.barrier()
+
+    torch.manual_seed(global_seed)  # the initial decoder and heads are the same on every rank
+    try:  # missing or wrong weight files and failed downloads end in one line
+        reference, inception = None, None
+        if rfid_reference and val_path and is_master:  # rank 0 alone runs Inception
+            reference, inception = fid.load_reference(rfid_reference), fid.InceptionV3.from_pretrained().to(dev)
+        if mode != 'train':
             model = pretrained_rae().to(dev)
-            if reconstruct:
-                db = reconstruct_file(model, reconstruct, recon_out)
-                print(f'wrote {recon_out}: {reconstruct} (centre crop) | reconstruction, PSNR {db:.2f} dB')
+            if mode == 'reconstruct':
+                print(f'wrote {recon_out}: {image} (centre crop) | reconstruction, '
+                      f'PSNR {reconstruct_file(model, image, recon_out):.2f} dB')
             else:
-                ref = fid.load_reference(rfid_ref) if rfid_ref else None
-                inception = fid.InceptionV3.from_pretrained().to(dev) if ref is not None and is_master else None
-                metrics, n = evaluate(model, val_dir, eval_images, ref=ref, inception=inception)
-                print0(f'{n} images of {val_dir}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+                metrics, n = evaluate(model, val_path, eval_images, reference, inception, global_batch // world_size)
+                print0(f'{n} images of {val_path}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
             return cleanup_ddp()
-        # Frozen parts and the initial decoder and heads, identical on every rank (same seed before any draw)
-        torch.manual_seed(global_seed)
-        patch = encoder_overrides.get('patch', rae.ENCODERS[encoder]['patch'])
-        enc = rae.Encoder.from_pretrained(encoder, encoder_weights or None, input_size=image_size // decoder_patch * patch,
-                                          **encoder_overrides)  # 224 px for DINOv2 at 256: 16 x 16 tokens either way
-        if not decoder_arch and decoder_size not in rae.DECODERS:
-            raise SystemExit(f'decoder_size={decoder_size!r}: expected one of {", ".join(rae.DECODERS)}')
-        dec = rae.Decoder(enc.patch_embed.out_channels, **(decoder_arch or rae.DECODERS[decoder_size]),
-                          grid=image_size // decoder_patch, patch=decoder_patch)
-        lpips = LPIPS.from_pretrained(lpips_vgg_weights or None, lpips_lin_weights or None).to(dev)
-        disc = Discriminator(rae.Encoder.from_pretrained('dino-s8', disc_weights or None, **disc_overrides),
+        patch = (encoder_overrides or {}).get('patch', rae.ENCODERS[encoder]['patch'])
+        enc = rae.Encoder.from_pretrained(encoder, encoder_weights, image_size // decoder_patch * patch,
+                                          **(encoder_overrides or {}))  # DINOv2 sees 224 px: 16 x 16 tokens at 256
+        lpips = LPIPS.from_pretrained(*(lpips_weights or (None, None))).to(dev)
+        disc = Discriminator(rae.Encoder.from_pretrained('dino-s8', disc_weights, **(disc_overrides or {})),
                              disc_key_depths).to(dev)
-        ref = fid.load_reference(rfid_ref) if val_dir and rfid_ref else None
-        inception = fid.InceptionV3.from_pretrained().to(dev) if ref is not None and is_master else None
-    except (OSError, ValueError, RuntimeError) as e:  # missing or wrong weight files, offline downloads
+    except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f'decoder_train.py: {e}') from None
-    model = rae.RAE(enc, dec, noise_tau=noise_tau).to(dev)  # raw encoder tokens: the latent statistics are stage 2's
+    if not decoder_arch and decoder_size not in rae.DECODERS:
+        raise SystemExit(f'decoder_size={decoder_size!r}: choose one of {", ".join(rae.DECODERS)}')
+    dec = rae.Decoder(enc.patch_embed.out_channels, **(decoder_arch or rae.DECODERS[decoder_size]),
+                      grid=image_size // decoder_patch, patch=decoder_patch)
+    model = rae.RAE(enc, dec, noise_tau=noise_tau).to(dev)  # raw tokens: latent statistics are for stage 2
     ema = make_ema(dec)
-    ema_model = rae.RAE(enc, ema).to(dev).eval()  # the EMA decoder on the same frozen encoder, for evaluation
-    fused = dev.type == 'cuda'
-    opt = torch.optim.AdamW(dec.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
-    model_c, lpips_c, disc_c = (torch.compile(m) for m in (model, lpips, disc)) if compile else (model, lpips, disc)
-    ddp_model, ddp_disc = (DDP(m) for m in (model_c, disc_c)) if dist.is_initialized() else (model_c, disc_c)
+    ema_model = rae.RAE(enc, ema).to(dev).eval()  # for evaluation: no noise
+    opt = torch.optim.AdamW(dec.parameters(), lr, betas, weight_decay=weight_decay, fused=dev.type == 'cuda')
+    opt_d = torch.optim.AdamW(disc.parameters(), lr, betas, weight_decay=weight_decay, fused=dev.type == 'cuda')
+    model_c, lpips_c = (torch.compile(model), torch.compile(lpips)) if compile else (model, lpips)
+    torch._functorch.config.donated_buffer = False  # lambda backpropagates the graph thrice (retain_graph=True)
+    if compile:  # the frozen backbone only: compiled heads keep a power-iteration buffer for backward that the
+        for block in disc.dino.blocks:  # second forward of the D step overwrites in place, which autograd refuses
+            block.compile()
+    ddp_model, ddp_disc = (DDP(model_c), DDP(disc)) if world_size > 1 else (model_c, disc)
 
-    if global_batch % world_size:
-        raise SystemExit(f'global_batch {global_batch} is not divisible by {world_size} ranks')
-    dataset = ImageFolder(data_dir, image_size, crop='random', flip=False, seed=global_seed)  # no flip (reference)
-    loader, sampler = make_loader(dataset, global_batch // world_size, rank, world_size, global_seed, workers)
-    steps_per_epoch, step, epoch, batch = len(loader), 0, 0, 0
-    torch.manual_seed(global_seed * world_size + rank)  # noise, DiffAug: one stream per rank
-    ckpt_dir = os.path.join(out_dir, 'checkpoints')
+    data = ImageFolder(data_path, image_size, 'random', flip=False, seed=global_seed)
+    loader, sampler = make_loader(data, global_batch // world_size, rank, world_size, global_seed, workers)
+    steps_per_epoch, last = len(loader), epochs * len(loader)
+    torch.manual_seed(global_seed * world_size + rank)  # latent noise and DiffAug: one stream per rank
     log = start_log(out_dir, config, dev)
-    if path := latest_checkpoint(ckpt_dir):
-        c = load_checkpoint(path, model=dec, ema=ema, opt=opt, disc=disc, opt_d=opt_d)
+    log(f'decoder {sum(p.numel() for p in dec.parameters()) / 1e6:.1f}M parameters on {encoder} tokens; '
+        f'{len(data)} images: {steps_per_epoch} steps/epoch of {global_batch // world_size} x {world_size} ranks')
+    ckpt_dir = os.path.join(out_dir, 'checkpoints')
+    step, epoch, batch = 0, 0, 0  # batch = batches of `epoch` consumed
+    if path := latest_checkpoint(ckpt_dir):  # last before the loop: it restores the random streams
+        c = load_checkpoint(path, model=dec, ema=ema, optimizer=opt, disc=disc, optimizer_d=opt_d)
         step, epoch, batch = c['step'], c['epoch'], c['batch']
-        log(f'resumed from {path}: step {step}, epoch {epoch}, {batch} batches into it')
-    log(f'decoder {sum(p.numel() for p in dec.parameters()) / 1e6:.1f}M parameters on {encoder}; {len(dataset)} '
-        f'images, {steps_per_epoch} steps of {global_batch} ({global_batch // world_size} per rank) per epoch')
+        log(f'resumed from {path}: step {step}, epoch {epoch}, batch {batch}')
 
-    stats, t0, last = defaultdict(list), time.time(), epochs * steps_per_epoch
+    bar = tqdm(total=last, initial=step, disable=not is_master, desc='training', unit='step')
+    stats, t0 = defaultdict(list), time.perf_counter()
     for epoch in range(epoch, epochs):
         sampler.set_epoch(epoch, start_batch=batch)
         for batch, (images, _) in enumerate(loader, start=batch + 1):
             images = images.to(dev, non_blocking=True)
-            # One schedule for G and D. The reference's D scheduler stepped only once D trained, so D's warm-up
-            # and cosine lagged G's by disc_update_start_epoch (6) epochs.
-            lr_now = lr_warmup_cosine(step, lr, final_lr, warmup_epochs * steps_per_epoch,
-                                      decay_end_epoch * steps_per_epoch)
+            # One schedule for G and D. The reference's D scheduler stepped only once D trained, so D's warm-up and
+            # cosine lagged G's by disc_update_start_epoch (6) epochs.
+            lr_now = lr_warmup_cosine(step, lr, lr_final, warmup_epochs * steps_per_epoch,
+                                      lr_decay_end * steps_per_epoch)
             for group in opt.param_groups + opt_d.param_groups:
                 group['lr'] = lr_now
-            logs = generator_step(ddp_model, lpips_c, disc_c, opt, images, epoch >= disc_start_epoch, ctx)
+            logs = generator_step(ddp_model, lpips_c, disc, opt, images, epoch >= disc_start_epoch, ctx)
             update_ema(ema, dec, ema_decay)
             if epoch >= disc_update_start_epoch:
                 logs.update(discriminator_step(model_c, ddp_disc, opt_d, images, ctx))
             step += 1
+            bar.update()
             for k, v in logs.items():
                 stats[k].append(v)
-            if step % log_every == 0:
+            if step % log_every == 0:  # means over the steps since the last line and over the ranks
                 n, keys = len(stats['loss']), sorted(stats)
                 means = torch.stack([torch.stack(stats[k]).float().mean() for k in keys])
-                if dist.is_initialized():
+                if world_size > 1:
                     dist.all_reduce(means)
                     means /= world_size
-                seconds = time.time() - t0
-                log(f'step {step} | epoch {epoch} | ' + ' '.join(f'{k} {v:.9g}' for k, v in zip(keys, means.tolist()))
-                    + f' | lr {lr_now:.4g} | {n / seconds:.2f} steps/s, {n * global_batch / seconds:.1f} img/s'
-                    + f' | {dataset.skipped} unreadable images skipped')
-                stats, t0 = defaultdict(list), time.time()
+                seconds, skipped = time.perf_counter() - t0, data.skipped
+                losses = ' '.join(f'{k} {v:.9g}' for k, v in zip(keys, means.tolist()))  # 9 digits: fp32 exactly
+                log(f'step {step}/{last} | epoch {epoch} | {losses}'
+                    + f' | lr {lr_now:.3e} | {n / seconds:.2f} steps/s | {n * global_batch / seconds:.1f} img/s'
+                    + (f' | {skipped} unreadable images skipped' if skipped else ''))
+                stats, t0 = defaultdict(list), time.perf_counter()
             if (ckpt_every and step % ckpt_every == 0) or batch == steps_per_epoch:
-                save_checkpoint(ckpt_dir, step=step, epoch=epoch, batch=batch, config=config, keep=keep_ckpts or None,
-                                model=dec, ema=ema, opt=opt, disc=disc, opt_d=opt_d)
-            if val_dir and (step == last or (eval_every and step % eval_every == 0)):
-                metrics, n = evaluate(ema_model, val_dir, eval_images, ref=ref, inception=inception)
-                log(f'eval step {step} | EMA decoder on {n} images of {val_dir}: '
+                save_checkpoint(ckpt_dir, step=step, epoch=epoch, batch=batch, config=config, keep=ckpt_keep,
+                                model=dec, ema=ema, optimizer=opt, disc=disc, optimizer_d=opt_d)
+            if val_path and (step == last or (eval_every and step % eval_every == 0)):
+                metrics, n = evaluate(ema_model, val_path, eval_images, reference, inception,
+                                      global_batch // world_size)
+                log(f'eval step {step} | EMA decoder on {n} images of {val_path}: '
                     + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
-                t0 = time.time()
+            if step % log_every == 0:
+                t0 = time.perf_counter()  # throughput leaves out checkpoints and evaluations
         batch = 0
-    log(f'done: {step} steps; decoder (EMA) in {latest_checkpoint(ckpt_dir)}')
+    bar.close()
     cleanup_ddp()
 
 
 if __name__ == '__main__':
-    main()
+    main(sys.argv[1:])

@@ -170,14 +170,14 @@ def write_npz(a, autoencoder, model, guide, rank, world):
     run['cfg_interval'] = list(run['cfg_interval'])
     if rank == 0:
         parts.mkdir(exist_ok=True)
-        if (parts / 'run.json').exists():
-            old = json.loads((parts / 'run.json').read_text())
-            diff = [f'{k} {old.get(k)!r} -> {v!r}' for k, v in run.items() if old.get(k) != v]
-            if diff:
-                raise ValueError(f'{parts} holds batches of a different run ({", ".join(diff)}); delete it or '
-                                 'choose another --out')
-        (parts / 'run.json').write_text(json.dumps(run))
+        if not (parts / 'run.json').exists():
+            (parts / 'run.json').write_text(json.dumps(run))
     barrier()
+    old = json.loads((parts / 'run.json').read_text())  # every rank checks, so that all stop together
+    diff = [f'{k} {old.get(k)!r} -> {v!r}' for k, v in run.items() if old.get(k) != v]
+    if diff:
+        raise ValueError(f'{parts} holds batches of a different run ({", ".join(diff)}); delete it or '
+                         'choose another --out')
     n_batches = math.ceil(N / bs)
     done = {b for b in range(n_batches) if (parts / f'{b:06d}.npy').exists()}
     if rank == 0 and done:
@@ -191,9 +191,9 @@ def write_npz(a, autoencoder, model, guide, rank, world):
         os.replace(parts / f'{b:06d}.npy.tmp', parts / f'{b:06d}.npy')  # a killed run never leaves half a batch
     barrier()
     if rank == 0:
-        pack_npz(a.out, [parts / f'{b:06d}.npy' for b in range(n_batches)], labels.numpy())
+        shape = pack_npz(a.out, [parts / f'{b:06d}.npy' for b in range(n_batches)], labels.numpy())
         shutil.rmtree(parts)
-        print(f'wrote {a.out}: arr_0 uint8 {list(np.load(a.out, mmap_mode="r")["arr_0"].shape)}, arr_1 labels')
+        print(f'wrote {a.out}: arr_0 = uint8 images {list(shape)}, arr_1 = labels')
 
 
 def pack_npz(path, part_files, labels):
@@ -208,6 +208,7 @@ def pack_npz(path, part_files, labels):
         with zf.open('arr_1.npy', 'w') as f:
             np.lib.format.write_array(f, labels.astype(np.int64))
     os.replace(path + '.tmp', path)
+    return shape
 
 
 def barrier():

@@ -569,6 +569,11 @@ def main(argv):
                                 ('precision', precision, ('bf16', 'fp32'))]:
         if value not in allowed:
             raise SystemExit(f'{key}={value!r}: choose one of {", ".join(allowed)}')
+    for key in ('encoder_overrides', 'decoder_arch', 'disc_overrides'):
+        if not isinstance(config[key], (dict, type(None))):
+            raise SystemExit(f"{key}={config[key]!r}: expected a dict, e.g. --{key}=\"{{'width': 64}}\"")
+    if lpips_weights is not None and (not isinstance(lpips_weights, (tuple, list)) or len(lpips_weights) != 2):
+        raise SystemExit(f'lpips_weights={lpips_weights!r}: expected (VGG16 file, LPIPS heads file)')
     if global_batch % world_size or image_size % decoder_patch:
         raise SystemExit(f'global_batch={global_batch} must divide by {world_size} ranks and image_size={image_size} '
                          f'by decoder_patch={decoder_patch}')

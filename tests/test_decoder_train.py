@@ -1,13 +1,25 @@
-"""Decoder-training parts (LPIPS, DINO discriminator, DiffAug, losses) against the reference and closed forms."""
+"""Decoder training: its parts (LPIPS, DINO discriminator, DiffAug, losses) against the reference and closed forms,
+then the script (overfitting real photos, exact resume after SIGKILL, the GAN phases, PSNR/rFID, reconstruct)."""
+import copy
 import hashlib
 import io
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import decoder_train as dt
+import fid
 import rae
 
 NARROW = (8, 16, 32, 32, 32)  # the golden LPIPS' VGG widths {64: 8, 128: 16, 256: 32, 512: 32}
@@ -342,3 +354,346 @@ def test_lpips_and_discriminator_on_cuda_match_cpu():
     assert disc.dino.patch_embed.weight.is_cuda
     close(lpips(x.cuda(), y.cuda()).cpu(), want_lpips, 1e-4)
     close(disc(x.cuda()).cpu(), want_logits, 1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training script, on tiny random-weight stand-ins written by its own toy=True code (configs/decoder_tiny.py)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = str(REPO / 'configs' / 'decoder_tiny.py')
+TINY_ENCODER = dict(width=32, depth=2, heads=2, pos_grid=4)  # as configs/decoder_tiny.py
+
+
+@pytest.fixture
+def one_thread():
+    # The suite shares 2 cores with other work: for models this small a second thread only waits for the first.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def script(*args, out_dir):
+    """decoder_train.py on the tiny config, one thread, as a subprocess (tiny models; its own globals)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return [sys.executable, str(REPO / 'decoder_train.py'), TINY_CONFIG, f'--out_dir={out_dir}', *args], env
+
+
+def run(*args, out_dir):
+    cmd, env = script(*args, out_dir=out_dir)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def toy_args(d, **changes):
+    """The tiny config's weight files and images under d (written by write_toy if missing)."""
+    args = {'data_path': f'{d}/images', 'encoder_weights': f'{d}/dinov2.pt', 'disc_weights': f'{d}/dino_s8.pt',
+            'lpips_weights': (f'{d}/vgg16.pt', f'{d}/lpips.pt'), 'toy': False, 'val_path': None, **changes}
+    return [f'--{k}={v!r}' if not isinstance(v, str) else f'--{k}={v}' for k, v in args.items()]
+
+
+def write_toy(d, **changes):
+    """The script's own toy writer, in process, with the config it would run with."""
+    config = dt.configure(dt._DEFAULTS, [TINY_CONFIG, *toy_args(d, **changes)])
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in config.items():
+            mp.setattr(dt, k, v)
+        dt.write_toy()
+
+
+@pytest.fixture(scope='module')
+def toy(tmp_path_factory):
+    d = tmp_path_factory.mktemp('toy')
+    write_toy(d)
+    (d / 'images' / 'class0' / '999_corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n not an image')
+    return d
+
+
+def log_lines(out_dir):
+    """{step: 'step N/T | epoch E | losses | lr X'} (the last time each step was logged) and the whole log."""
+    text = (Path(out_dir) / 'log.txt').read_text()
+    steps = {}
+    for line in text.splitlines():
+        if line.startswith('step '):
+            steps.setdefault(int(line.split()[1].split('/')[0]), []).append(' | '.join(line.split(' | ')[:4]))
+    return steps, text
+
+
+@pytest.fixture(scope='module')
+def runs(toy, tmp_path_factory):
+    """Run a: 32 uninterrupted steps (8 per epoch: D from step 9, GAN from step 17). Run b: the same, SIGKILLed
+    once its step-12 checkpoint exists, then started again: it resumes from its newest checkpoint."""
+    d = tmp_path_factory.mktemp('runs')
+    args = toy_args(toy) + ['--ckpt_every=4', '--log_every=1']
+    run(*args, out_dir=d / 'a')
+    cmd, env = script(*args, out_dir=d / 'b')
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (d / 'b' / 'checkpoints' / '0000012.pt').exists():
+            assert p.poll() is None, 'run b ended before its step-12 checkpoint'
+            time.sleep(0.01)
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    killed_at = max(int(f.stem) for f in (d / 'b' / 'checkpoints').glob('*.pt'))
+    assert killed_at < 32
+    run(*args, out_dir=d / 'b')
+    return d, killed_at
+
+
+def test_resume_after_sigkill_equals_uninterrupted(runs):
+    d, killed_at = runs
+    a, _ = log_lines(d / 'a')
+    b, text = log_lines(d / 'b')
+    assert f'resumed from {d / "b" / "checkpoints"}' in text
+    assert sorted(a) == sorted(b) == list(range(1, 33))
+    for step in a:  # every logged loss to fp32 precision, including steps logged again after the resume
+        assert all(line == a[step][0] for line in b[step]), (step, a[step], b[step])
+    ca, cb = (torch.load(d / r / 'checkpoints' / '0000032.pt', weights_only=True) for r in 'ab')
+    for key in ('model', 'ema', 'disc'):
+        assert ca[key].keys() == cb[key].keys()
+        assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key]), key
+
+
+def test_gan_phases_switch_on_at_their_epochs(runs):
+    d, _ = runs
+    steps, text = log_lines(d / 'a')
+    keys = {s: set(line[0].split(' | ')[2].split()[::2]) for s, line in steps.items()}
+    base = {'loss', 'l1', 'lpips'}
+    assert all(keys[s] == base for s in range(1, 9))  # epoch 0: L1 + LPIPS only
+    assert all(keys[s] == base | {'d_loss', 'd_acc'} for s in range(9, 17))  # epoch 1: D trains, unused
+    assert all(keys[s] == base | {'d_loss', 'd_acc', 'gan', 'gan_weight'} for s in range(17, 33))
+    for s in range(17, 33):
+        v = dict(zip(*[iter(steps[s][0].split(' | ')[2].split())] * 2))
+        lam, loss = float(v['gan_weight']), float(v['loss'])
+        assert 0 < lam < 1e4
+        # the logged total is the objective: L1 + 1.0 LPIPS + 0.75 lambda GAN (one step a line)
+        assert loss == pytest.approx(float(v['l1']) + float(v['lpips']) + 0.75 * lam * float(v['gan']), rel=1e-5)
+    assert 'unreadable images skipped' in text  # the corrupt file in the folder: replaced and counted
+
+
+def test_discriminator_step_updates_only_the_heads(one_thread):
+    torch.manual_seed(0)
+    enc = rae.Encoder(**dict(rae.ENCODERS['dinov2-b'], **TINY_ENCODER, input_size=56))
+    model = rae.RAE(enc, rae.Decoder(32, 64, 2, 1, 128, grid=4, patch=8), noise_tau=0.8).train()
+    disc = dt.Discriminator(rae.Encoder(**dict(TINY_DINO, pos_grid=4, input_size=32)), key_depths=(1, 3))
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0)
+    images = torch.rand(3, 3, 32, 32)
+    frozen = {**{f'rae.{k}': v.clone() for k, v in model.state_dict().items()},
+              **{f'dino.{k}': v.clone() for k, v in disc.dino.state_dict().items()}}
+    heads, ref_disc = copy.deepcopy(disc.state_dict()), copy.deepcopy(disc).train()
+    torch.manual_seed(1)
+    logs = dt.discriminator_step(model, disc, opt_d, images, nullcontext())
+    assert model.training  # put back in train mode for the next generator step
+    # the loss by hand: 8-bit eval-mode reconstructions (no latent noise: no draws), DiffAug on fake then real
+    torch.manual_seed(1)
+    with torch.no_grad():
+        fake = model.eval()(images).clamp(0, 1)
+    fake = torch.round((fake * 2 - 1 + 1) * 127.5) / 127.5 - 1
+    lf, lr = ref_disc(dt.diffaug(fake)), ref_disc(dt.diffaug(images * 2 - 1))
+    want = 0.5 * (torch.relu(1 - lr).mean() + torch.relu(1 + lf).mean())
+    assert logs['d_loss'].item() == pytest.approx(want.item(), abs=1e-6)
+    after = {**{f'rae.{k}': v for k, v in model.state_dict().items()},
+             **{f'dino.{k}': v for k, v in disc.dino.state_dict().items()}}
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)  # encoder, decoder, DINO backbone untouched
+    assert all(p.grad is None for p in model.parameters())
+    changed = [k for k, v in disc.state_dict().items() if not torch.equal(v, heads[k])]
+    # every head tensor moved (weights, biases, norms, power-iteration vectors) but the u of the 1-logit output
+    # convolutions, a unit vector of length 1
+    assert changed == [k for k, v in heads.items() if not (k.endswith('weight_u') and v.shape == (1,))]
+
+
+DDP_SCRIPT = '''
+import sys, torch, torch.distributed as dist
+from contextlib import nullcontext
+sys.path.insert(0, {repo!r})
+import decoder_train as dt, rae, training
+rank, _, world, dev, _ = training.setup_ddp('cpu')
+torch.manual_seed(0)  # the same model and heads on both ranks
+model = rae.RAE(rae.Encoder(**{enc!r}), rae.Decoder(32, 64, 1, 1, 64, grid=4, patch=8))
+disc = dt.Discriminator(rae.Encoder(**{dino!r}), key_depths=(1,))
+ddp_disc = torch.nn.parallel.DistributedDataParallel(disc)
+opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-2)
+torch.manual_seed(1 + rank)  # different images on each rank
+start = torch.cat([p.detach().flatten().clone() for p in disc.parameters()])
+for _ in range(2):
+    dt.discriminator_step(model, ddp_disc, opt_d, torch.rand(2, 3, 32, 32), nullcontext())
+heads = torch.cat([p.detach().flatten() for p in disc.parameters()])
+both = [torch.empty_like(heads) for _ in range(world)]
+dist.all_gather(both, heads)
+assert not torch.equal(heads, start) and torch.equal(both[0], both[1]), 'heads differ across ranks'
+print('synced', flush=True)
+training.cleanup_ddp()
+'''
+
+
+def test_discriminator_gradients_are_synchronised_across_ranks(tmp_path):
+    """The D step goes through DDP: two ranks with different images end with the same heads (the reference's bare
+    call would train one D per rank)."""
+    path = tmp_path / 'd_step.py'
+    enc = dict(rae.ENCODERS['dinov2-b'], **TINY_ENCODER, input_size=56)
+    dino = dict(TINY_DINO, depth=2, pos_grid=4, input_size=32)
+    path.write_text(DDP_SCRIPT.format(repo=str(REPO), enc=enc, dino=dino))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode == 0 and r.stdout.count('synced') == 2, r.stderr[-3000:]
+
+
+def test_overfits_four_real_photos(toy, tmp_path):
+    """A tiny decoder (128 wide, 2 blocks) on a tiny random encoder overfits 4 scikit-image photos: above 20 dB PSNR
+    on their 32 px centre crops within 200 steps (4 per batch; ~21.6 dB measured), from ~11 dB at the start."""
+    skimage_data = pytest.importorskip('skimage.data')
+    photos, copies = tmp_path / 'photos' / 'class0', tmp_path / 'copies' / 'class0'
+    photos.mkdir(parents=True)
+    copies.mkdir(parents=True)
+    for name in ('astronaut', 'chelsea', 'coffee', 'rocket'):
+        Image.fromarray(getattr(skimage_data, name)()).save(photos / f'{name}.png')
+        for i in range(25):  # 100 files: 25 steps an epoch, so 8 epochs (and 8 checkpoints) for 200 steps
+            (copies / f'{name}_{i}.png').symlink_to(photos / f'{name}.png')
+    wide = dict(encoder_weights=f'{tmp_path}/dinov2_128.pt', encoder_overrides=dict(TINY_ENCODER, width=128),
+                decoder_arch=dict(width=128, depth=2, heads=2, mlp_hidden=256))
+    write_toy(toy, **wide)
+    args = toy_args(toy, **wide, data_path=str(copies.parent), val_path=str(photos.parent), noise_tau=0.0,
+                    disc_update_start_epoch=10 ** 6, disc_start_epoch=10 ** 6, global_batch=4, epochs=8,
+                    lr=2e-3, lr_final=2e-4, lr_decay_end=8, ema_decay=0.0, log_every=25, eval_every=25)
+    run(*args, out_dir=tmp_path / 'run')
+    evals = [float(line.split('PSNR ')[1]) for line in (tmp_path / 'run' / 'log.txt').read_text().splitlines()
+             if line.startswith('eval step')]
+    assert len(evals) == 8 and evals[0] < evals[-1] and evals[-1] > 20, evals
+    # the logged PSNR, recomputed with numpy from the EMA weights of the last checkpoint (ema_decay 0: = model)
+    ckpt = torch.load(tmp_path / 'run' / 'checkpoints' / '0000200.pt', weights_only=True)
+    dec = rae.Decoder(128, 128, 2, 2, 256, grid=4, patch=8)
+    dec.load_state_dict(ckpt['ema'])
+    enc = rae.Encoder.from_pretrained('dinov2-b', wide['encoder_weights'], 56, **wide['encoder_overrides'])
+    model = rae.RAE(enc, dec).eval()
+    crops = np.stack([np.array(rae.center_crop_arr(Image.open(p).convert('RGB'), 32))
+                      for p in sorted(photos.iterdir())])
+    with torch.no_grad():
+        out = model(torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255)
+    out = out.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+    mse = ((out / 255.0 - crops / 255.0) ** 2).reshape(4, -1).mean(1)
+    assert np.mean(10 * np.log10(1 / mse)) == pytest.approx(evals[-1], abs=1e-4)
+
+
+def test_psnr_closed_form():
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64) * 0.5
+    y = x + torch.tensor([0.1, 0.01], dtype=torch.float64).view(2, 1, 1, 1)  # MSE 1e-2 and 1e-4: 20 and 40 dB
+    torch.testing.assert_close(dt.psnr(x, y), torch.tensor([20.0, 40.0], dtype=torch.float64), rtol=0, atol=1e-9)
+    assert dt.psnr(x, x).tolist() == [100.0, 100.0]  # MSE floored at 1e-10
+    noise = torch.randn(1, 3, 16, 16, dtype=torch.float64) * 0.05
+    want = 10 * math.log10(1 / (noise.double() ** 2).mean().item())
+    assert dt.psnr(x[:1].repeat(1, 1, 2, 2) + noise, x[:1].repeat(1, 1, 2, 2)).item() == pytest.approx(want, abs=1e-9)
+
+
+class Identity(torch.nn.Module):
+    """The perfect autoencoder (one parameter: evaluate() reads the device from it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x + self.p
+
+
+@pytest.fixture
+def val_folder(tmp_path, monkeypatch):
+    folder = tmp_path / 'val' / 'x'
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):  # different sizes and aspect ratios: the crop matters
+        Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 60 - 5 * i, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+    monkeypatch.setattr(dt, 'image_size', 32)
+    monkeypatch.setattr(dt, 'workers', 0)
+    return tmp_path / 'val'
+
+
+def test_rfid_sees_the_crops_the_reference_statistics_were_made_from(val_folder, monkeypatch):
+    """What evaluate() hands fid.evaluate: the 8-bit reconstructions of the same ADM centre crops that
+    `fid.py --write-ref` reads (so the identity autoencoder gets rFID 0), the first eval_images in sorted order."""
+    seen = []
+
+    def fake_evaluate(batches, reference, model=None, pr=True, progress=True):
+        seen.extend(torch.as_tensor(b).clone() for b in batches)
+        assert reference == {'ref': 1} and model == 'inception' and pr is False
+        return {'FID': 1.5}
+
+    monkeypatch.setattr(fid, 'evaluate', fake_evaluate)
+    metrics, n = dt.evaluate(Identity(), str(val_folder), 4, {'ref': 1}, 'inception', batch_size=3)
+    assert metrics == {'PSNR': 100.0, 'rFID': 1.5} and n == 4
+    crops = np.concatenate(list(fid.FolderImages(str(val_folder), crop=32, workers=0).batches(5)))  # write_reference
+    assert torch.equal(torch.cat(seen), torch.from_numpy(crops[:4]))
+
+
+@pytest.mark.slow
+def test_rfid_of_perfect_reconstructions_is_zero(val_folder, tmp_path, one_thread):
+    """The whole path with a random-weight Inception: reference statistics written by fid.py, identity -> rFID 0."""
+    torch.manual_seed(0)
+    inception = fid.InceptionV3().eval()  # random weights: the statistics are compared, not their meaning
+    fid.write_reference(str(val_folder), str(tmp_path / 'ref.npz'), 32, model=inception, batch_size=5, workers=0,
+                        progress=False)
+    metrics, n = dt.evaluate(Identity(), str(val_folder), 0, fid.load_reference(str(tmp_path / 'ref.npz')),
+                             inception, batch_size=5)
+    assert n == 5 and metrics['PSNR'] == 100.0
+    assert abs(metrics['rFID']) < 1e-3, metrics
+
+
+@pytest.mark.parametrize('name', ['decoder_xl', 'decoder_b', 'decoder_siglip2', 'decoder_mae', 'decoder_xl_512',
+                                  'decoder_tiny'])
+def test_configs_load_and_fit_their_encoders(name, capsys):
+    c = dt.configure(dt._DEFAULTS, [str(REPO / 'configs' / f'{name}.py')])
+    enc = dict(rae.ENCODERS[c['encoder']], **(c['encoder_overrides'] or {}))
+    tokens = c['image_size'] // c['decoder_patch']  # the decoder's grid = the encoder's token grid
+    assert c['image_size'] % c['decoder_patch'] == 0 and enc['patch'] in (14, 16)
+    assert c['decoder_arch'] or c['decoder_size'] in rae.DECODERS
+    assert (tokens, c['image_size']) == {'decoder_xl_512': (16, 512), 'decoder_tiny': (4, 32)}.get(name, (16, 256))
+    if name != 'decoder_tiny':  # the recipe: only the autoencoder differs
+        assert (c['global_batch'], c['epochs'], c['lr'], c['lr_final'], c['ema_decay'], c['noise_tau'],
+                c['disc_start_epoch'], c['disc_update_start_epoch'], c['betas']) == \
+            (512, 16, 2e-4, 2e-5, 0.9978, 0.8, 8, 6, (0.9, 0.95))
+
+
+@pytest.fixture
+def restore_globals(monkeypatch):
+    for k in dt._DEFAULTS:  # main() writes its config into the module's globals
+        monkeypatch.setattr(dt, k, getattr(dt, k))
+
+
+def test_reconstruct_writes_crop_and_reconstruction_side_by_side(runs, toy, tmp_path):
+    d, _ = runs
+    try:
+        photo = Image.fromarray(__import__('skimage.data').data.chelsea())  # a real photo, 451 x 300
+    except ImportError:
+        photo = Image.open(sorted((toy / 'images' / 'class1').iterdir())[0])
+    photo.save(tmp_path / 'photo.png')
+    r = run(*toy_args(toy), '--mode=reconstruct', f'--image={tmp_path}/photo.png', f'--recon_out={tmp_path}/pair.png',
+            out_dir=d / 'a')
+    pair = np.array(Image.open(tmp_path / 'pair.png'))
+    assert pair.shape == (32, 64, 3)
+    crop = np.array(rae.center_crop_arr(photo.convert('RGB'), 32))
+    assert np.array_equal(pair[:, :32], crop)
+    # the right half by hand: the checkpoint's EMA decoder (not the live one) on the encoder's tokens
+    ckpt = torch.load(d / 'a' / 'checkpoints' / '0000032.pt', weights_only=True)
+    dec = rae.Decoder(32, 64, 2, 1, 128, grid=4, patch=8)
+    dec.load_state_dict(ckpt['ema'])
+    model = rae.RAE(rae.Encoder.from_pretrained('dinov2-b', f'{toy}/dinov2.pt', 56, **TINY_ENCODER), dec).eval()
+    with torch.no_grad():
+        want = model(torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255)
+    assert np.array_equal(pair[:, 32:], want[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy())
+    db = 10 * np.log10(1 / ((pair[:, 32:] / 255.0 - crop / 255.0) ** 2).mean())
+    assert f'PSNR {db:.2f} dB' in r.stdout
+
+
+@pytest.mark.parametrize('change, message', [
+    (['--data_path=/no/such/folder'], '/no/such/folder: no such image folder'),
+    (['--encoder_weights=/no/such/file.pt'], 'weights file not found: /no/such/file.pt'),
+    (['--learning_rate=1e-4'], "unknown config key 'learning_rate'"),
+    (['--mode=sample'], "mode='sample': choose one of train, eval, reconstruct"),
+    (["--decoder_arch=[64, 2]"], 'decoder_arch=[64, 2]: expected a dict'),
+    (['--mode=reconstruct'], "mode='reconstruct' needs --image=FILE"),
+])
+def test_bad_input_is_a_one_line_error(toy, tmp_path, change, message, restore_globals, one_thread):
+    with pytest.raises(SystemExit) as e:
+        dt.main([TINY_CONFIG, f'--out_dir={tmp_path}', *toy_args(toy), *change])
+    assert message in str(e.value) and '\n' not in str(e.value)

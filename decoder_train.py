@@ -590,27 +590,33 @@ def main(argv):
         dist.barrier()
 
     torch.manual_seed(global_seed)  # the initial decoder and heads are the same on every rank
+    if world_size > 1 and not is_master:
+        dist.barrier()  # rank 0 downloads first, the others then read its files from the cache
     try:  # missing or wrong weight files and failed downloads end in one line
         reference, inception = None, None
-        if rfid_reference and val_path and is_master:  # rank 0 alone runs Inception
+        if rfid_reference and val_path and mode != 'reconstruct' and is_master:  # rank 0 alone runs Inception
             reference, inception = fid.load_reference(rfid_reference), fid.InceptionV3.from_pretrained().to(dev)
         if mode != 'train':
             model = pretrained_rae().to(dev)
-            if mode == 'reconstruct':
-                print(f'wrote {recon_out}: {image} (centre crop) | reconstruction, '
-                      f'PSNR {reconstruct_file(model, image, recon_out):.2f} dB')
-            else:
-                metrics, n = evaluate(model, val_path, eval_images, reference, inception, global_batch // world_size)
-                print0(f'{n} images of {val_path}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
-            return cleanup_ddp()
-        patch = (encoder_overrides or {}).get('patch', rae.ENCODERS[encoder]['patch'])
-        enc = rae.Encoder.from_pretrained(encoder, encoder_weights, image_size // decoder_patch * patch,
-                                          **(encoder_overrides or {}))  # DINOv2 sees 224 px: 16 x 16 tokens at 256
-        lpips = LPIPS.from_pretrained(*(lpips_weights or (None, None))).to(dev)
-        disc = Discriminator(rae.Encoder.from_pretrained('dino-s8', disc_weights, **(disc_overrides or {})),
-                             disc_key_depths).to(dev)
+        else:
+            patch = (encoder_overrides or {}).get('patch', rae.ENCODERS[encoder]['patch'])
+            enc = rae.Encoder.from_pretrained(encoder, encoder_weights, image_size // decoder_patch * patch,
+                                              **(encoder_overrides or {}))  # DINOv2: 224 px, 16 x 16 tokens at 256
+            lpips = LPIPS.from_pretrained(*(lpips_weights or (None, None))).to(dev)
+            disc = Discriminator(rae.Encoder.from_pretrained('dino-s8', disc_weights, **(disc_overrides or {})),
+                                 disc_key_depths).to(dev)
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f'decoder_train.py: {e}') from None
+    if world_size > 1 and is_master:
+        dist.barrier()
+    if mode == 'reconstruct':
+        print(f'wrote {recon_out}: {image} (centre crop) | reconstruction, '
+              f'PSNR {reconstruct_file(model, image, recon_out):.2f} dB')
+        return cleanup_ddp()
+    if mode == 'eval':
+        metrics, n = evaluate(model, val_path, eval_images, reference, inception, global_batch // world_size)
+        print0(f'{n} images of {val_path}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+        return cleanup_ddp()
     if not decoder_arch and decoder_size not in rae.DECODERS:
         raise SystemExit(f'decoder_size={decoder_size!r}: choose one of {", ".join(rae.DECODERS)}')
     dec = rae.Decoder(enc.patch_embed.out_channels, **(decoder_arch or rae.DECODERS[decoder_size]),
@@ -621,11 +627,14 @@ def main(argv):
     opt = torch.optim.AdamW(dec.parameters(), lr, betas, weight_decay=weight_decay, fused=dev.type == 'cuda')
     opt_d = torch.optim.AdamW(disc.parameters(), lr, betas, weight_decay=weight_decay, fused=dev.type == 'cuda')
     model_c, lpips_c = (torch.compile(model), torch.compile(lpips)) if compile else (model, lpips)
-    torch._functorch.config.donated_buffer = False  # lambda backpropagates the graph thrice (retain_graph=True)
-    if compile:  # the frozen backbone only: compiled heads keep a power-iteration buffer for backward that the
-        for block in disc.dino.blocks:  # second forward of the D step overwrites in place, which autograd refuses
-            block.compile()
-    ddp_model, ddp_disc = (DDP(model_c), DDP(disc)) if world_size > 1 else (model_c, disc)
+    if compile:
+        torch._functorch.config.donated_buffer = False  # lambda backpropagates the graph thrice (retain_graph)
+        for block in disc.dino.blocks:  # the frozen backbone only: compiled heads would keep a power-iteration
+            block.compile()  # buffer for backward that the D step's second forward overwrites in place
+    # buffers are not broadcast: the RAE's are constants, and the heads' power iterations stay equal on all ranks
+    # because their weights do (same seed, averaged gradients)
+    ddp_model, ddp_disc = (DDP(m, broadcast_buffers=False) for m in (model_c, disc)) if world_size > 1 else \
+        (model_c, disc)
 
     data = ImageFolder(data_path, image_size, 'random', flip=False, seed=global_seed)
     loader, sampler = make_loader(data, global_batch // world_size, rank, world_size, global_seed, workers)

@@ -181,7 +181,7 @@ def center_crop_arr(pil_image, image_size):
 # The ViT: one pre-LN transformer serves every published encoder and the RAE decoder
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection."""
+    """Multi-head self-attention with a fused qkv projection (and, in the DiTs, 2D RoPE on q and k)."""
 
     def __init__(self, width, heads):
         super().__init__()
@@ -189,9 +189,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3x (B, h, N, d)
+        if rope is not None:
+            q, k = rope(q).to(v.dtype), rope(k).to(v.dtype)  # the fp32 tables would promote bf16 q, k
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
@@ -656,23 +658,6 @@ class RoPE2D(nn.Module):
         return x * self.freqs_cos + rotated * self.freqs_sin
 
 
-class RoPEAttention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection and 2D RoPE on q and k."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, rope):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3x (B, h, N, d)
-        q, k = rope(q).to(v.dtype), rope(k).to(v.dtype)  # the fp32 tables would promote bf16 q, k
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
-
-
 class PatchEmbed(nn.Module):
     """Latent [B, C, H, W] -> tokens [B, (H/p)(W/p), D] in row-major order (a strided conv, as in DiT)."""
 
@@ -718,7 +703,7 @@ class DiTBlock(nn.Module):
     def __init__(self, dim, heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1 = RMSNorm(dim)
-        self.attn = RoPEAttention(dim, heads)
+        self.attn = Attention(dim, heads)
         self.norm2 = RMSNorm(dim)
         self.mlp = SwiGLU(dim, int(2 * int(dim * mlp_ratio) / 3))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))

@@ -1,6 +1,6 @@
 """Decoder-training step time on the CPU for a small decoder, fp32 and bf16 autocast, and where the step goes.
 
-    python bench/bench_decoder_train.py [--image-size 128] [--batch 2] [--iters 3] [--threads 2] [--disc-input 112]
+    python bench/bench_decoder_train.py [--image-size 128] [--batch 2] [--iters 5] [--threads 1] [--disc-input 112]
 
 One step = what decoder_train.py runs once the GAN loss is on: generator_step (encode with latent noise, decode,
 L1 + LPIPS + lambda-weighted GAN loss, backward, AdamW), the EMA update and discriminator_step (a fresh eval-mode
@@ -27,12 +27,16 @@ import rae  # noqa: E402
 from training import update_ema, make_ema  # noqa: E402
 
 
-def timed(fn, iters):
-    fn()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) / iters * 1000
+def timed(fns, iters):
+    """{name: median ms} with the functions run in turn, round after round (a busy machine drifts)."""
+    times = {name: [] for name in fns}
+    for i in range(iters + 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if i:  # the first round warms up
+                times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def main():
@@ -42,8 +46,8 @@ def main():
     ap.add_argument('--width', type=int, default=384, help='decoder width (heads = width / 64, MLP 4x)')
     ap.add_argument('--depth', type=int, default=6, help='decoder blocks')
     ap.add_argument('--disc-input', type=int, default=112, help='discriminator input size (training: 224)')
-    ap.add_argument('--iters', type=int, default=3)
-    ap.add_argument('--threads', type=int, default=torch.get_num_threads())
+    ap.add_argument('--iters', type=int, default=5, help='rounds timed (medians), after one warm-up round')
+    ap.add_argument('--threads', type=int, default=1, help='1: steady figures on a shared machine')
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -107,9 +111,9 @@ def main():
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
 
-        total = timed(step, args.iters)
-        parts = {name: timed(fn, args.iters) for name, fn in
-                 [('encoder', encoder), ('decoder', decoder), ('LPIPS', perceptual), ('discriminator', discriminator)]}
+        parts = timed({'step': step, 'encoder': encoder, 'decoder': decoder, 'LPIPS': perceptual,
+                       'discriminator': discriminator}, args.iters)
+        total = parts.pop('step')
         parts['other'] = total - sum(parts.values())
         print(f'{precision}: {total:.0f} ms/step ({args.batch * 1000 / total:.1f} img/s); '
               + ', '.join(f'{k} {v:.0f} ms ({100 * v / total:.0f}%)' for k, v in parts.items()))

@@ -40,6 +40,7 @@ from rae import (ENCODERS, RAE, Decoder, DiTDH, Encoder, LightningDiT, build_dit
 from training import (ImageFolder, cleanup_ddp, configure, latest_checkpoint, load_checkpoint, lr_linear_decay,
                       make_ema, make_loader, print0, save_checkpoint, setup_ddp, start_log, update_ema)
 
+_imported = set(globals())
 # -----------------------------------------------------------------------------------------------------------
 # Defaults: DiT^DH-XL on DINOv2-B latents at 256 px, the paper's recipe (configs/xl.py spells it out)
 # I/O
@@ -56,6 +57,7 @@ encoder_overrides = None            # preset changes, e.g. dict(width=32, depth=
 decoder = None                      # decodes the preview grids and FID samples
 stats = None                        # latent statistics stat.pt; False: none (raw encoder tokens)
 image_size = 256
+stats_mean = True                   # --mode=stats: False saves mean=None (variance only, like the released DINOv2-B)
 # the diffusion model
 model = 'DiTDH-XL'                  # DiTDH-S/B/L/XL (+ 2-layer 2048-wide head, §5) or LightningDiT-S/B/L/XL (§4)
 hidden_size = None                  # with depth and num_heads: a size outside the presets (pairs for 'DiTDH')
@@ -95,7 +97,7 @@ fid_samples = 10000
 fid_reference = 'imagenet256'       # fid.py reference batch name or .npz
 ckpt_every = 5000
 ckpt_keep = 3
-_DEFAULTS = dict(globals())
+_DEFAULTS = {k: v for k, v in globals().items() if k not in _imported}
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -355,7 +357,7 @@ def main(argv):
         mean, var = latent_stats(rae, data, rank, world_size, micro, workers, dev)
         if is_master:  # the released format: {'mean': [C,h,w] or None, 'var': [C,h,w]}; mean None = variance only
             path = os.path.join(out_dir, 'stat.pt')
-            torch.save({'mean': mean.float().cpu(), 'var': var.float().cpu()}, path + '.tmp')
+            torch.save({'mean': mean.float().cpu() if stats_mean else None, 'var': var.float().cpu()}, path + '.tmp')
             os.replace(path + '.tmp', path)
             log(f'{path}: mean and variance {list(var.shape)} over {2 * len(data)} latents (both flips); '
                 f'mean |mean| {mean.abs().mean():.4f}, mean var {var.mean():.4f}')

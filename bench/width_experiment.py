@@ -67,7 +67,7 @@ def main():
         runs.append((f'DiT^DH {b}+head {h}', h, lambda: DiTDH(hidden_size=(b, h), depth=(a.depth, 1),
                                                                 num_heads=(a.heads, a.heads), **common)))
     print(f'one latent [{n}, {a.grid}, {a.grid}], {a.steps} steps of batch {a.batch}, AdamW lr {a.lr}, depth {a.depth}')
-    print(f'{"model":>20} {"params":>8} {"final loss":>11} {"bound (n-d)/n":>14} {"converged":>10} {"time":>6}')
+    print(f'{"model":>20} {"params":>8} {"final loss":>11} {"bound (n-d)/n":>14} {"d >= n":>7} {"time":>6}')
     for name, d, build in runs:
         torch.manual_seed(a.seed)
         model = build()
@@ -75,7 +75,7 @@ def main():
         loss = overfit(model, x0, a.steps, a.batch, a.lr, a.eval_batch)
         bound = max(n - d, 0) / n
         params = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
-        print(f'{name:>20} {params:>7.2f}M {loss:>11.4f} {bound:>14.4f} {"yes" if d >= n else "no":>10} '
+        print(f'{name:>20} {params:>7.2f}M {loss:>11.4f} {bound:>14.4f} {"yes" if d >= n else "no":>7} '
               f'{time.perf_counter() - t0:>5.0f}s', flush=True)
 
 

@@ -8,9 +8,11 @@ The decoder's objective, on images x in [0,1] and reconstructions x_hat = D(E(x)
 GAN(x_hat) = -mean Disc(DiffAug(x_hat)), Disc = trainable StyleGAN-T heads on frozen DINO ViT-S/8 features,
 trained with a hinge loss; lambda balances the two gradients at the decoder's last layer (Esser et al. 2021).
 
-    torchrun --standalone --nproc_per_node=8 decoder_train.py configs/decoder_xl.py --data_dir=/data/imagenet/train
-    python decoder_train.py configs/decoder_tiny.py                           # CPU, no network, ~1 minute
-    python decoder_train.py configs/decoder_tiny.py --reconstruct=photo.jpg   # crop | reconstruction -> recon.png
+    torchrun --standalone --nproc_per_node=8 decoder_train.py configs/decoder_xl.py --data_path=/data/imagenet/train
+    python decoder_train.py configs/decoder_tiny.py                                   # CPU, no network, ~10 s
+    python decoder_train.py configs/decoder_tiny.py --mode=reconstruct --image=photo.jpg   # crop | recon -> recon.png
+    python decoder_train.py configs/decoder_xl.py --mode=eval --decoder=released --val_path=/data/imagenet/val \
+        --rfid_reference=val256.npz                         # PSNR and rFID (reference: python fid.py --write-ref)
 
 Reading order: LPIPS, the DINO discriminator, DiffAug, the losses, then the training script (its defaults, the
 two update steps, evaluation, main).

@@ -40,7 +40,7 @@ from rae import (ENCODERS, RAE, Decoder, DiTDH, Encoder, LightningDiT, build_dit
 from training import (ImageFolder, cleanup_ddp, configure, latest_checkpoint, load_checkpoint, lr_linear_decay,
                       make_ema, make_loader, print0, save_checkpoint, setup_ddp, start_log, update_ema)
 
-_imported = set(globals())
+_imported = set(globals())  # the config is what the block below defines
 # -----------------------------------------------------------------------------------------------------------
 # Defaults: DiT^DH-XL on DINOv2-B latents at 256 px, the paper's recipe (configs/xl.py spells it out)
 # I/O
@@ -125,7 +125,8 @@ def step_draws(seed, step, rows, global_batch, latent_shape, time_dist, alpha, c
 
 
 def velocity_loss(net, x, y, eps, t):
-    """Per-sample |v_theta(x_t, t, y) - (eps - x)|^2 / (C h w) at x_t = (1 - t) x + t eps  ->  [B]."""
+    """Per-sample |v_theta(x_t, t, y) - (eps - x)|^2 / (C h w) at x_t = (1 - t) x + t eps  ->  [B]. This is
+    rae.flow_loss with eps and t given: drawn inside, they would depend on the rank and the micro-batch."""
     tt = t.view(-1, 1, 1, 1)
     x_t = (1 - tt) * x + tt * eps
     return ((net(x_t, t, y).float() - (eps - x)) ** 2).mean(dim=(1, 2, 3))
@@ -217,10 +218,10 @@ def latent_stats(rae, data, rank, world_size, batch_size, workers, device):
                           acc[2].flatten()])
         parts = [torch.empty_like(mine) for _ in range(world_size)]
         dist.all_gather(parts, mine)
-        acc = (0, 0.0, 0.0)
+        shape, acc = acc[1].shape, (0, 0.0, 0.0)
         for p in parts:  # every rank merges the same list in the same order: one deterministic answer
-            count, rest = int(p[0].item()), p[1:].view(2, *z.shape[2:])
-            acc = merge_moments(acc, (count, rest[0], rest[1]))
+            mean, m2 = p[1:].view(2, *shape)
+            acc = merge_moments(acc, (int(p[0].item()), mean, m2))
     n, mean, m2 = acc
     return mean, m2 / n
 
@@ -318,7 +319,8 @@ def main(argv):
     globals().update(config)
     rank, local_rank, world_size, dev, is_master = setup_ddp(device)
     for key, value, allowed in [('mode', mode, ('train', 'stats', 'cache')), ('precision', precision, ('bf16', 'fp32')),
-                                ('cache_dtype', cache_dtype, ('float16', 'float32'))]:
+                                ('cache_dtype', cache_dtype, ('float16', 'float32')),
+                                ('time_dist', time_dist, ('logit-normal', 'uniform'))]:
         if value not in allowed:
             raise SystemExit(f'{key}={value!r}: choose one of {", ".join(allowed)}')
     if global_batch % (world_size * grad_accum):
@@ -391,7 +393,10 @@ def main(argv):
     step, epoch, batch = 0, 0, 0  # batch = micro-batches of `epoch` consumed
     if path := latest_checkpoint(ckpt_dir):
         c = load_checkpoint(path, model=dit, ema=ema, optimizer=opt)
-        step, epoch, batch = c['step'], c['epoch'], c['batch']
+        if c['config']['global_batch'] != global_batch:
+            raise SystemExit(f'{path} was trained with global_batch={c["config"]["global_batch"]}, not {global_batch}')
+        # another number of ranks or accumulation steps goes on exactly: the draws do not depend on the split
+        step, epoch, batch = c['step'], c['epoch'], c['batch'] // c['config']['grad_accum'] * grad_accum
         log(f'resumed from {path}: step {step}, epoch {epoch}, batch {batch}')
     ddp = DDP(dit, device_ids=[local_rank] if dev.type == 'cuda' else None, broadcast_buffers=False) \
         if world_size > 1 else dit
@@ -414,7 +419,8 @@ def main(argv):
             inputs, y = next(micro_batches)
             batch += 1
             inputs = inputs.to(dev, non_blocking=True)
-            x = rae.normalize(inputs) if from_cache else rae.encode(inputs)  # [micro, C, h, w]
+            # contiguous: the encoder's token map is a transposed view, and a strided input takes other kernels
+            x = (rae.normalize(inputs) if from_cache else rae.encode(inputs)).contiguous()  # [micro, C, h, w]
             rows = rank + world_size * (m * micro + torch.arange(micro))  # DistributedSampler deals rows round-robin
             eps, t, drop = step_draws(global_seed, step, rows, global_batch, latent_shape, time_dist, alpha,
                                       class_dropout, dev)
@@ -452,7 +458,8 @@ def main(argv):
         if fid_every and step % fid_every == 0:
             score = online_fid(ema, rae, fid_samples, fid_reference, latent_shape, alpha, sample_steps, ctx,
                                seed_of(global_seed, step), rank, world_size, micro)
-            log(f'step {step} | FID {score:.3f} ({fid_samples} EMA samples, {sample_steps} Euler steps, unguided)')
+            if is_master:
+                log(f'step {step} | FID {score:.3f} ({fid_samples} EMA samples, {sample_steps} Euler steps, unguided)')
         if step % ckpt_every == 0 or step == total_steps:
             save_checkpoint(ckpt_dir, step=step, epoch=epoch, batch=batch, config=config, keep=ckpt_keep,
                             model=dit, ema=ema, optimizer=opt)

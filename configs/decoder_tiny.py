@@ -1,9 +1,11 @@
-# A tiny stage-1 run on a CPU: no network, no ImageNet, about a minute on 2 cores. It exercises the whole pipeline
-# (data, noise augmentation, L1 + LPIPS, the discriminator phase, the GAN phase with the adaptive weight, EMA,
-# checkpoints and resume, PSNR evaluation, the reconstruct command), not image quality: all networks are random.
+# A tiny stage-1 run on a CPU: no network, no ImageNet, ~10 s. It exercises the whole pipeline (data, noise
+# augmentation, L1 + LPIPS, the discriminator phase, the GAN phase with the adaptive weight, EMA, checkpoints and
+# resume, PSNR evaluation, the reconstruct command), not image quality: all networks have random weights.
 #
-#   python decoder_train.py configs/decoder_tiny.py
-#   python decoder_train.py configs/decoder_tiny.py --mode=reconstruct --image=photo.jpg    # -> recon.png
+#   OMP_NUM_THREADS=1 python decoder_train.py configs/decoder_tiny.py
+#   OMP_NUM_THREADS=1 python decoder_train.py configs/decoder_tiny.py --mode=reconstruct --image=photo.jpg  # recon.png
+#
+# (One thread: models this small gain nothing from a second, and on a busy machine it waits, ~10x slower.)
 #
 # toy=True writes, on first use, random-weight stand-ins for the weight files named below, in the published
 # layouts (DINOv2 hub names, DINO v1 timm names, torchvision VGG16 + LPIPS heads), so the real loading code runs,

@@ -6,7 +6,7 @@
 # paper's 80-epoch numbers are this run at step 100,080 (same run, maintainer in bytetriper/RAE#45).
 # lr: 2e-4 constant for 40 epochs (50,040 steps), then linear to 2e-5 at epoch 800.
 # Latents [768, 16, 16] (DINOv2-B sees 224 px: 16 x 16 tokens of 768); alpha = sqrt(768 * 256 / 4096) = sqrt(48) = 6.93.
-# FLOPs: ~1.26 TFLOP per image per training step (bench/bench_train.py --model DiTDH-XL prints it).
+# FLOPs: 0.968 TFLOP per image per training step, forward + backward (bench/bench_train.py --model DiTDH-XL).
 # Faster epochs: --mode=cache --latent_cache=/ssd/xl first (1.0 TB in float16), then add --latent_cache=/ssd/xl.
 out_dir = 'runs/xl'
 data_path = 'data/imagenet/train'

@@ -151,9 +151,8 @@ def test_cache_gives_the_losses_of_encoding_on_the_fly(toy, tmp_path):
     run(args(toy, tmp_path / 'cached', max_steps=5, latent_cache=str(cache)))
     fly, cached = losses(tmp_path / 'fly'), losses(tmp_path / 'cached')
     assert sorted(fly) == [1, 2, 3, 4, 5]
-    for s in fly:
-        assert cached[s] == pytest.approx(fly[s], rel=1e-5), s
-    assert_close_states(final_state(tmp_path / 'fly')['model'], final_state(tmp_path / 'cached')['model'], 1e-5)
+    assert cached == fly  # as logged (6 decimals); the weights agree bit for bit here, allow for other BLAS
+    assert_close_states(final_state(tmp_path / 'fly')['model'], final_state(tmp_path / 'cached')['model'], 1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -166,6 +165,10 @@ def test_gradient_accumulation_equals_the_doubled_batch(toy, tmp_path):
     assert all(two[s] == pytest.approx(one[s], rel=1e-6) for s in one)
     assert_close_states(final_state(tmp_path / 'one')['model'], final_state(tmp_path / 'two')['model'], 2e-6)
     assert_close_states(final_state(tmp_path / 'one')['ema'], final_state(tmp_path / 'two')['ema'], 2e-6)
+    run(args(toy, tmp_path / 'switch', max_steps=2))  # stopped after step 2, resumed with accumulation
+    run(args(toy, tmp_path / 'switch', max_steps=4, grad_accum=2))
+    assert all(losses(tmp_path / 'switch')[s] == pytest.approx(one[s], rel=1e-6) for s in one)
+    assert_close_states(final_state(tmp_path / 'one')['model'], final_state(tmp_path / 'switch')['model'], 2e-6)
 
 
 def ddp_worker(rank, world, port, argv):

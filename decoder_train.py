@@ -581,10 +581,7 @@ def main(argv):
                          f'by decoder_patch={decoder_patch}')
     if (mode == 'reconstruct' and not image) or (mode == 'eval' and not val_path):
         raise SystemExit(f"mode={mode!r} needs {'--image=FILE' if mode == 'reconstruct' else '--val_path=FOLDER'}")
-    if hasattr(torch.backends.cuda.matmul, 'fp32_precision'):  # TF32 (new API, as fid.py's exact_fp32 reads it)
-        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = 'tf32'
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    rae.set_tf32(True)
     ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == 'bf16' else nullcontext()
     if toy and is_master:
         write_toy()

@@ -166,6 +166,15 @@ def copy_weights(model, mapped, what, names=None):
     return model
 
 
+def set_tf32(enabled):
+    """TF32 matmuls/convolutions on GPU. torch >= 2.9 has a new API and refuses a mix with the legacy flags."""
+    if hasattr(torch.backends.cuda.matmul, 'fp32_precision'):
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = \
+            'tf32' if enabled else 'ieee'
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+
+
 def center_crop_arr(pil_image, image_size):
     """ADM's centre crop: halve with BOX while the short side >= 2x, BICUBIC resize the short side, crop."""
     while min(*pil_image.size) >= 2 * image_size:

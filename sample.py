@@ -227,7 +227,7 @@ def run(a):
             device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
             torch.cuda.set_device(device)
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = a.tf32
+    rae.set_tf32(a.tf32)
     if rank != 0:
         barrier()  # rank 0 downloads first; the others then hit the cache
     autoencoder, model, guide = load_models(a, device)

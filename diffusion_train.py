@@ -111,15 +111,17 @@ def seed_of(*keys):
 def step_draws(seed, step, rows, global_batch, latent_shape, time_dist, alpha, class_dropout, device):
     """eps [B, C, h, w], shifted t [B] and label drops [B] for `rows` of the global batch of optimizer step `step`.
 
-    t and the drops of the whole global batch come from one stream seeded by (seed, step), through sample_t as
-    released; eps row by row from (seed, step, row). Row r of a step is the same sample on any number of ranks.
+    (seed, step) hashes to global_batch + 1 seeds: t and the drops of the whole global batch come from the last
+    (through sample_t, as released), eps of row r from seed r. Row r of a step is the same sample on any number of
+    ranks, so every rank can draw just its own rows.
     """
+    seeds = np.random.SeedSequence([seed, step]).generate_state(global_batch + 1, np.uint64).tolist()
     with torch.random.fork_rng(devices=[]):  # the rank's own CPU stream is left untouched
-        torch.manual_seed(seed_of(seed, step))
+        torch.manual_seed(seeds[-1])
         t = time_shift(sample_t(global_batch, time_dist), alpha)[rows]
         drop = (torch.rand(global_batch) < class_dropout)[rows]
     g = torch.Generator(device)
-    eps = torch.stack([torch.randn(latent_shape, generator=g.manual_seed(seed_of(seed, step, r)), device=device)
+    eps = torch.stack([torch.randn(latent_shape, generator=g.manual_seed(seeds[r]), device=device)
                        for r in rows.tolist()])
     return eps, t.to(device), drop.to(device)
 
@@ -324,7 +326,8 @@ def main(argv):
         if value not in allowed:
             raise SystemExit(f'{key}={value!r}: choose one of {", ".join(allowed)}')
     if global_batch % (world_size * grad_accum):
-        raise SystemExit(f'global_batch={global_batch} is not divisible by {world_size} ranks x grad_accum={grad_accum}')
+        raise SystemExit(f'global_batch={global_batch} is not divisible by {world_size} ranks x '
+                         f'grad_accum={grad_accum}')
     micro = global_batch // (world_size * grad_accum)  # images per forward on each rank
     if mode == 'cache' and not latent_cache:
         raise SystemExit('--mode=cache writes to latent_cache: give --latent_cache=FOLDER')
@@ -441,7 +444,8 @@ def main(argv):
         bar.update()
 
         if step % log_every == 0 or step == total_steps:
-            total = torch.cat([sums, torch.tensor([float(getattr(data, 'skipped', 0))], dtype=torch.float64, device=dev)])
+            unread = torch.tensor([float(getattr(data, 'skipped', 0))], dtype=torch.float64, device=dev)
+            total = torch.cat([sums, unread])
             if world_size > 1:
                 dist.all_reduce(total)  # loss at log time only: no sync in the step
             dt = time.perf_counter() - t0
@@ -475,11 +479,12 @@ def main(argv):
 
 def dinov2_hub_state_dict(enc):
     """Our DINOv2 Encoder's weights under the names of the hub's Dinov2WithRegistersModel files."""
+    width = enc.cls_token.shape[-1]
     sd = {'embeddings.patch_embeddings.projection.weight': enc.patch_embed.weight,
           'embeddings.patch_embeddings.projection.bias': enc.patch_embed.bias,
           'embeddings.cls_token': enc.cls_token, 'embeddings.position_embeddings': enc.pos_embed,
-          'embeddings.register_tokens': enc.register_tokens, 'embeddings.mask_token': torch.zeros_like(enc.cls_token[0]),
-          'layernorm.weight': torch.ones(enc.cls_token.shape[-1]), 'layernorm.bias': torch.zeros(enc.cls_token.shape[-1])}
+          'embeddings.register_tokens': enc.register_tokens, 'embeddings.mask_token': torch.zeros(1, width),
+          'layernorm.weight': torch.ones(width), 'layernorm.bias': torch.zeros(width)}  # unused by our affine-free LN
     for i, b in enumerate(enc.blocks):
         p = f'encoder.layer.{i}.'
         for s in ('weight', 'bias'):

@@ -26,7 +26,9 @@ import diffusion_train as dt  # noqa: E402
 from rae import ENCODERS, RAE, Encoder, shift_alpha  # noqa: E402
 from training import ImageFolder, make_ema, update_ema  # noqa: E402
 
-PEAK_TFLOPS = {'H100': {'bf16': 989, 'fp32': 495}, 'H200': {'bf16': 989, 'fp32': 495}, 'A100': {'bf16': 312, 'fp32': 156}}
+# dense peak TFLOP/s of the tensor cores (fp32 runs as TF32)
+PEAK_TFLOPS = {'H100': {'bf16': 989, 'fp32': 495}, 'H200': {'bf16': 989, 'fp32': 495},
+               'A100': {'bf16': 312, 'fp32': 156}}
 
 
 def train_flops_per_image(name, latent_shape, num_classes=1000):

@@ -251,3 +251,14 @@ def test_tiny_run_learns_and_its_checkpoint_samples(toy, tmp_path):
     assert grid.shape == (32, 128, 3)
     for i in range(4):
         assert np.abs(grid[:, 32 * i:32 * (i + 1)].astype(int) - ours[i]).max() <= 1, i
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_eager_and_saves_plain_state(toy, tmp_path):
+    run(args(toy, tmp_path / 'eager', max_steps=3))
+    run(args(toy, tmp_path / 'compiled', max_steps=3, compile=True))  # ~1-2 minutes of compilation on a CPU
+    eager, compiled = losses(tmp_path / 'eager'), losses(tmp_path / 'compiled')
+    assert all(compiled[s] == pytest.approx(eager[s], rel=1e-4) for s in eager)
+    a, b = final_state(tmp_path / 'eager'), final_state(tmp_path / 'compiled')
+    assert list(a['model']) == list(b['model']) == list(b['ema'])  # no '_orig_mod.' anywhere
+    assert_close_states(a['ema'], b['ema'], 1e-4)  # the EMA of the compiled run averaged the trained weights

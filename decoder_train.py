@@ -37,7 +37,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fid
 import rae
 from training import (ImageFolder, cleanup_ddp, configure, latest_checkpoint, load_checkpoint, lr_warmup_cosine,
-                      make_ema, make_loader, print0, save_checkpoint, setup_ddp, start_log, unwrap, update_ema)
+                      make_ema, make_loader, print0, save_checkpoint, setup_ddp, start_log, unwrap, update_ema,
+                      write_toy_dinov2)
 
 # -----------------------------------------------------------------------------------------------------------
 # LPIPS (Zhang et al. 2018): a perceptual distance from a frozen VGG16 with learned per-channel weights
@@ -517,26 +518,8 @@ def write_toy(seed=0):
         print0(f'toy: wrote {path} ({what}, random weights)')
 
     if encoder_weights and not os.path.exists(encoder_weights):
-        if not encoder.startswith('dinov2'):
-            raise SystemExit(f'toy=True writes DINOv2 stand-ins only, not {encoder}')
-        enc = rae.Encoder(**dict(rae.ENCODERS[encoder], **(encoder_overrides or {})))
-        nn.init.normal_(enc.pos_embed, std=0.02)
-        sd = {'embeddings.cls_token': enc.cls_token, 'embeddings.position_embeddings': enc.pos_embed,
-              'embeddings.register_tokens': enc.register_tokens,
-              'embeddings.patch_embeddings.projection.weight': enc.patch_embed.weight,
-              'embeddings.patch_embeddings.projection.bias': enc.patch_embed.bias}
-        names = [('attn.proj.', 'attention.output.dense.'), ('fc', 'mlp.fc'), ('ls1', 'layer_scale1.lambda1'),
-                 ('ls2', 'layer_scale2.lambda1'), ('norm', 'norm')]
-        for k, v in enc.state_dict().items():
-            if k.startswith('blocks.'):
-                _, i, name = k.split('.', 2)
-                if name.startswith('attn.qkv.'):  # the hub stores query, key and value apart
-                    for part, t in zip(('query', 'key', 'value'), v.chunk(3)):
-                        sd[f'encoder.layer.{i}.attention.attention.{part}.{name[9:]}'] = t
-                    continue
-                ours, theirs = next((a, b) for a, b in names if name.startswith(a))
-                sd[f'encoder.layer.{i}.{theirs}{name[len(ours):]}'] = v
-        save(encoder_weights, sd, f'{encoder} hub layout')
+        write_toy_dinov2(encoder_weights, encoder, encoder_overrides, seed)
+        print0(f'toy: wrote {encoder_weights} ({encoder} hub layout, random weights)')
     if disc_weights and not os.path.exists(disc_weights):
         dino = rae.Encoder(**dict(rae.ENCODERS['dino-s8'], **(disc_overrides or {})))
         nn.init.normal_(dino.pos_embed, std=0.02)

@@ -35,10 +35,10 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from rae import (ENCODERS, RAE, Decoder, DiTDH, Encoder, LightningDiT, build_dit, guided_velocity, sample_ode,
-                 sample_t, shift_alpha, time_shift)
+from rae import (RAE, Decoder, DiTDH, LightningDiT, build_dit, guided_velocity, sample_ode,
+                 sample_t, set_tf32, shift_alpha, time_shift)
 from training import (ImageFolder, cleanup_ddp, configure, latest_checkpoint, load_checkpoint, lr_linear_decay,
-                      make_ema, make_loader, print0, save_checkpoint, setup_ddp, start_log, update_ema)
+                      make_ema, make_loader, print0, save_checkpoint, setup_ddp, start_log, update_ema, write_toy_dinov2)
 
 _imported = set(globals())  # the config is what the block below defines
 # -----------------------------------------------------------------------------------------------------------
@@ -331,8 +331,7 @@ def main(argv):
     micro = global_batch // (world_size * grad_accum)  # images per forward on each rank
     if mode == 'cache' and not latent_cache:
         raise SystemExit('--mode=cache writes to latent_cache: give --latent_cache=FOLDER')
-    if dev.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    set_tf32(True)  # fp32 matmuls outside autocast (and precision='fp32') run as TF32 on a GPU
     ctx = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
     log = start_log(out_dir, config, dev)
     if toy and is_master and not all(os.path.exists(p) for p in (data_path, encoder_weights, decoder)):
@@ -477,31 +476,9 @@ def main(argv):
 # Toy data for CPU smoke runs (configs/tiny.py): synthetic images, a random-weight DINOv2-layout encoder in the
 # Hugging Face hub layout and a random-weight decoder, so the real loading code runs without network
 
-def dinov2_hub_state_dict(enc):
-    """Our DINOv2 Encoder's weights under the names of the hub's Dinov2WithRegistersModel files."""
-    width = enc.cls_token.shape[-1]
-    sd = {'embeddings.patch_embeddings.projection.weight': enc.patch_embed.weight,
-          'embeddings.patch_embeddings.projection.bias': enc.patch_embed.bias,
-          'embeddings.cls_token': enc.cls_token, 'embeddings.position_embeddings': enc.pos_embed,
-          'embeddings.register_tokens': enc.register_tokens, 'embeddings.mask_token': torch.zeros(1, width),
-          'layernorm.weight': torch.ones(width), 'layernorm.bias': torch.zeros(width)}  # unused by our affine-free LN
-    for i, b in enumerate(enc.blocks):
-        p = f'encoder.layer.{i}.'
-        for s in ('weight', 'bias'):
-            for name, part in zip(('query', 'key', 'value'), getattr(b.attn.qkv, s).chunk(3)):
-                sd[p + f'attention.attention.{name}.{s}'] = part
-            for ours, theirs in [(b.attn.proj, 'attention.output.dense'), (b.norm1, 'norm1'), (b.norm2, 'norm2'),
-                                 (b.fc1, 'mlp.fc1'), (b.fc2, 'mlp.fc2')]:
-                sd[p + f'{theirs}.{s}'] = getattr(ours, s)
-        sd[p + 'layer_scale1.lambda1'], sd[p + 'layer_scale2.lambda1'] = b.ls1, b.ls2
-    return {k: v.detach().clone().contiguous() for k, v in sd.items()}
-
-
 def make_toy(data_path, encoder_file, decoder_file, image_size, encoder, overrides, num_classes, per_class=24):
     """Write data_path/class<k>/<i>.png (a coloured square on a background of the class's hue, random sizes),
     a tiny random DINOv2 encoder (hub layout) and a matching random decoder (our layout)."""
-    if not encoder.startswith('dinov2') or not overrides:
-        raise SystemExit('toy=True makes a tiny dinov2 file: set encoder=dinov2-* and encoder_overrides')
     rng = np.random.default_rng(0)
     for c in range(num_classes):
         os.makedirs(os.path.join(data_path, f'class{c:03d}'), exist_ok=True)
@@ -512,18 +489,14 @@ def make_toy(data_path, encoder_file, decoder_file, image_size, encoder, overrid
             top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
             img[top:top + h // 3, left:left + w // 3] = 255 - colour
             Image.fromarray(img.astype(np.uint8)).save(os.path.join(data_path, f'class{c:03d}', f'{i:03d}.png'))
+    enc = write_toy_dinov2(encoder_file, encoder, overrides)
+    grid = enc.input_size // enc.patch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        enc = Encoder(**dict(ENCODERS[encoder], name=encoder, **overrides))
-        with torch.no_grad():  # the published files carry non-zero embeddings
-            for p in (enc.cls_token, enc.register_tokens, enc.pos_embed):
-                p.normal_(std=0.5)
-        grid = enc.input_size // enc.patch
         dec = Decoder(token_dim=enc.patch_embed.out_channels, width=64, depth=1, heads=1, mlp_hidden=128, grid=grid,
                       patch=image_size // grid)
-    for path, sd in [(encoder_file, dinov2_hub_state_dict(enc)), (decoder_file, dec.state_dict())]:
-        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-        torch.save(sd, path)
+    os.makedirs(os.path.dirname(decoder_file) or '.', exist_ok=True)
+    torch.save(dec.state_dict(), decoder_file)
     print0(f'toy data: {num_classes} x {per_class} images in {data_path}, random RAE {encoder_file}, {decoder_file}')
 
 

@@ -5,7 +5,7 @@ Sample ImageNet images with DiT^DH on RAE latents: the authors' released weights
     python sample.py --class 207 360 88 --n 8 --autoguidance  # AutoGuidance with the released guide (w = 1.42 at 256)
     python sample.py --class 207 --cfg 2.0 --cfg-interval 0 0.7   # CFG, only where the shifted time t <= 0.7
     python sample.py --resolution 512 --class 88 --autoguidance   # 512 px (guide w = 1.5)
-    python sample.py --ckpt runs/dit/0100000.pt --class 207   # a checkpoint of our own training (EMA weights)
+    python sample.py --ckpt runs/dit/checkpoints/0100000.pt --class 207   # our own training (EMA weights)
     torchrun --nproc_per_node=8 sample.py --num-samples 50000 --out samples.npz --autoguidance   # FID set
 
 Pipeline: noise z ~ N(0, I) [B, 768, h, w] -> Euler (or Heun) on the shifted grid from t = 1 to t = shift(0.001),
@@ -52,7 +52,10 @@ def parse_args(argv):
                    help='AutoGuidance scale (alone: the released 1.42 / 1.5)')
     p.add_argument('--guide', default=None, help='guide checkpoint for AutoGuidance (default: the released DiT^DH-S)')
     p.add_argument('--resolution', type=int, default=256, help='256 | 512')
-    p.add_argument('--ckpt', default=None, help='DiT checkpoint of our own training (default: the released DiT^DH-XL)')
+    p.add_argument('--ckpt', default=None, help='DiT checkpoint of our own training (default: the released DiT^DH-XL); '
+                   "a diffusion_train.py checkpoint brings its run's encoder, decoder, statistics and shift")
+    p.add_argument('--decoder', default=None, help='local RAE decoder file (default: the released or the run\'s one)')
+    p.add_argument('--stats', default=None, help='local latent statistics stat.pt (default: the released or the run\'s)')
     p.add_argument('--num-samples', type=int, default=None, help='write an ADM npz of this many samples')
     p.add_argument('--out', default=None, help='output .png (grid) or .npz (with --num-samples)')
     p.add_argument('--batch-size', type=int, default=32, help='per device')
@@ -95,24 +98,37 @@ def check_args(a):
         raise ValueError(f'cannot write {a.out}: {parent} is not a writable directory')
 
 
+def run_config(path):
+    """The config stored in a diffusion_train.py checkpoint ({} for other files): which RAE its latents came from."""
+    if not str(path).endswith('.pt') or not os.path.isfile(path):
+        return {}
+    ckpt = torch.load(path, map_location='cpu', mmap=True, weights_only=True)  # mmap: reads the config alone
+    return ckpt.get('config', {}) if isinstance(ckpt, dict) else {}
+
+
 def load_models(a, device):
-    """The RAE decoder, the DiT and (AutoGuidance) the guide, checked to agree on the latent shape."""
-    autoencoder = rae.RAE.from_pretrained('dinov2-b', resolution=a.resolution, load_encoder=False)
+    """The RAE decoder, the DiT and (AutoGuidance) the guide, checked to agree on the latent shape. Sets a.alpha,
+    the time shift: the run's `shift` when its config set one, else the dimension rule of rae.shift_alpha."""
+    run = run_config(a.ckpt) if a.ckpt else {}
+    stats = a.stats or run.get('stats')  # None: released; False: the run trained on raw tokens
+    autoencoder = rae.RAE.from_pretrained(run.get('encoder', 'dinov2-b'), run.get('image_size', a.resolution),
+                                          a.decoder or run.get('decoder'), stats, load_encoder=False)
     model = rae.load_dit(a.ckpt) if a.ckpt else rae.released_dit(a.resolution)
     guide = None
     if a.autoguidance is not None:
         guide = rae.load_dit(a.guide) if a.guide else rae.released_dit(a.resolution, guide=True)
         if a.autoguidance == 'released':
             a.autoguidance = rae.RELEASED_DITS[a.resolution]['autoguidance']
-    var = autoencoder.latent_var  # the statistics have the latent's shape [C, h, w]
-    want = tuple(var.shape) if var is not None else None
+    dec = autoencoder.decoder
+    want = (dec.embed.in_features, dec.grid, dec.grid)  # the latent [C, h, w] the decoder reads
+    a.alpha = run.get('shift') or rae.shift_alpha(want)
     for name, m in [('--ckpt' if a.ckpt else 'DiT', model), ('--guide' if a.guide else 'guide', guide)]:
         if m is None:
             continue
         got = (m.in_channels, m.input_size, m.input_size)
-        if want is not None and got != want:
-            raise ValueError(f'{name} is a model of {list(got)} latents, but the {a.resolution} px RAE decodes '
-                             f'{list(want)}: a checkpoint of a different model size or resolution')
+        if got != want:
+            raise ValueError(f'{name} is a model of {list(got)} latents, but the RAE decodes {list(want)}: '
+                             f'a checkpoint of another encoder or resolution (--decoder, --resolution)')
         if m.num_classes != model.num_classes:
             raise ValueError(f'{name} has {m.num_classes} classes, the DiT {model.num_classes}')
     return autoencoder.to(device).eval(), model.to(device), guide.to(device) if guide is not None else None
@@ -131,7 +147,7 @@ def generate(a, autoencoder, model, guide, z, y, progress=False):
     velocity = rae.guided_velocity(model, y.to(device), cfg_scale=a.cfg, cfg_interval=tuple(a.cfg_interval),
                                    guide=guide, guide_scale=a.autoguidance or 1.0)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == 'bf16'):
-        x = rae.sample_ode(velocity, z.to(device), a.steps, rae.shift_alpha(z.shape[1:]), method=a.sampler,
+        x = rae.sample_ode(velocity, z.to(device), a.steps, a.alpha, method=a.sampler,
                            progress=progress)
     images = autoencoder.decode(x.float()).clamp(0, 1)  # the decoder in fp32
     images = images.mul(255).add(0.5).floor().clamp(0, 255).to(torch.uint8)  # round to nearest
@@ -164,7 +180,7 @@ def write_npz(a, autoencoder, model, guide, rank, world):
     shape = (model.in_channels, model.input_size, model.input_size)
     labels = torch.full((N,), model.num_classes) if a.unconditional else balanced_labels(N, model.num_classes, a.seed)
     parts = Path(a.out + '.parts')
-    run = {k: getattr(a, k) for k in ('ckpt', 'guide', 'resolution', 'steps', 'sampler', 'cfg', 'cfg_interval',
+    run = {k: getattr(a, k) for k in ('ckpt', 'guide', 'decoder', 'stats', 'resolution', 'steps', 'sampler', 'cfg', 'cfg_interval',
                                       'autoguidance', 'unconditional', 'seed', 'num_samples', 'batch_size',
                                       'precision')}
     run['cfg_interval'] = list(run['cfg_interval'])

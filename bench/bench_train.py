@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import diffusion_train as dt  # noqa: E402
-from rae import ENCODERS, RAE, Encoder, shift_alpha  # noqa: E402
+from rae import ENCODERS, RAE, Encoder, set_tf32, shift_alpha  # noqa: E402
 from training import ImageFolder, make_ema, update_ema  # noqa: E402
 
 # dense peak TFLOP/s of the tensor cores (fp32 runs as TF32)
@@ -71,8 +71,7 @@ def main():
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     cuda = dev.type == 'cuda'
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    set_tf32(True)
     latent_shape = (768, 16, 16)  # DINOv2-B at 256 px
     alpha = shift_alpha(latent_shape)
     flops = train_flops_per_image(a.model, latent_shape)
@@ -84,7 +83,9 @@ def main():
     rae = RAE(Encoder(**ENCODERS['dinov2-b'], name='dinov2-b'), None, None, torch.ones(latent_shape)).to(dev)
     with tempfile.TemporaryDirectory() as tmp:
         sources = dict(zip(('cache', 'images'), make_sources(tmp, a.batch, latent_shape)))
-        print(f'{"precision":>9} {"mode":>8} {"source":>7} {"warm-up s":>10} {"ms/step":>9} {"img/s":>8} {"MFU":>6}')
+        print(f'{"precision":>9} {"mode":>8} {"source":>7} {"warm-up s":>10} {"ms/step":>9} {"img/s":>8} {"MFU":>6} '
+              f'{"speed-up":>9}')
+        baseline = None  # ms/step of the first row (fp32 eager from the cache by default)
         for precision in a.precisions.split(','):
             ctx = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
             for compiled in map(int, a.compile.split(',')):
@@ -130,8 +131,9 @@ def main():
                     ms = (time.perf_counter() - t1) / a.steps * 1000
                     ips = a.batch / ms * 1000
                     mfu = f'{ips * flops / (peak[precision] * 1e12):.1%}' if peak else '-'
+                    baseline = baseline or ms
                     print(f'{precision:>9} {"compiled" if compiled else "eager":>8} {source:>7} {t1 - t0:>10.1f} '
-                          f'{ms:>9.0f} {ips:>8.2f} {mfu:>6}', flush=True)
+                          f'{ms:>9.0f} {ips:>8.2f} {mfu:>6} {baseline / ms:>8.2f}x', flush=True)
 
 
 if __name__ == '__main__':

@@ -18,6 +18,7 @@ from PIL import Image
 
 import diffusion_train as dt
 import rae
+import sample
 from training import ImageFolder, configure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,6 +252,19 @@ def test_tiny_run_learns_and_its_checkpoint_samples(toy, tmp_path):
     assert grid.shape == (32, 128, 3)
     for i in range(4):
         assert np.abs(grid[:, 32 * i:32 * (i + 1)].astype(int) - ours[i]).max() <= 1, i
+
+    # sample.py --ckpt: the decoder, statistics (none) and shift come from the checkpoint's config; sample i has
+    # the noise of generator seed i (--seed 0), the grid pads each 32 px image with 2 px
+    sample.main(['--ckpt', str(out / 'checkpoints' / '0000150.pt'), '--class', '0', '1', '2', '3', '--n', '1',
+                 '--steps', '25', '--out', str(tmp_path / 'grid.png'), '--device', 'cpu'])
+    noise = torch.stack([torch.randn(32, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)])
+    with torch.no_grad():
+        z = rae.sample_ode(lambda x, t: ema(x, t, y), noise, num_steps=25, alpha=alpha)
+        images = (decoder.decode(z).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    grid = np.asarray(Image.open(tmp_path / 'grid.png'))
+    assert grid.shape == (2 + 4 * 34, 2 + 34, 3)  # --n 1: one sample of each class per row
+    for i in range(4):
+        assert np.abs(grid[2 + 34 * i:34 * (i + 1), 2:34].astype(int) - images[i]).max() <= 1, i
 
 
 @pytest.mark.slow

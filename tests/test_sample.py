@@ -208,7 +208,7 @@ def test_512_uses_the_512_files(env, hub, tmp_path):
     (['--unconditional', '--cfg', '3'], '--cfg needs class labels'),
     (['--num-samples', '20', '--class', '3', '--out', 'OUT/x.npz'], '--class does not go with --num-samples'),
     (['--ckpt', 'OUT/missing.pt'], 'not found'),
-    (['--ckpt', 'OUT/wide.pt'], r'latents.*different model size'),
+    (['--ckpt', 'OUT/wide.pt'], r'latents, but the RAE decodes .*another encoder or resolution'),
 ])
 def test_bad_input_gives_one_line_errors(env, tmp_path, args, message):
     (tmp_path / 'file.txt').write_text('x')

@@ -35,8 +35,8 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from rae import (RAE, Decoder, DiTDH, LightningDiT, build_dit, guided_velocity, sample_ode,
-                 sample_t, set_tf32, shift_alpha, time_shift)
+from rae import (RAE, Decoder, DiTDH, LightningDiT, build_dit, flow_loss, guided_velocity, sample_ode, sample_t,
+                 set_tf32, shift_alpha, time_shift)
 from training import (ImageFolder, cleanup_ddp, configure, latest_checkpoint, load_checkpoint, lr_linear_decay,
                       make_ema, make_loader, print0, save_checkpoint, setup_ddp, start_log, update_ema, write_toy_dinov2)
 
@@ -113,25 +113,16 @@ def step_draws(seed, step, rows, global_batch, latent_shape, time_dist, alpha, c
 
     (seed, step) hashes to global_batch + 1 seeds: t and the drops of the whole global batch come from the last
     (through sample_t, as released), eps of row r from seed r. Row r of a step is the same sample on any number of
-    ranks, so every rank can draw just its own rows.
+    ranks, so every rank can draw just its own rows. Own generators: the rank's streams (CPU and CUDA) move not.
     """
     seeds = np.random.SeedSequence([seed, step]).generate_state(global_batch + 1, np.uint64).tolist()
-    with torch.random.fork_rng(devices=[]):  # the rank's own CPU stream is left untouched
-        torch.manual_seed(seeds[-1])
-        t = time_shift(sample_t(global_batch, time_dist), alpha)[rows]
-        drop = (torch.rand(global_batch) < class_dropout)[rows]
+    g = torch.Generator().manual_seed(seeds[-1])
+    t = time_shift(sample_t(global_batch, time_dist, generator=g), alpha)[rows]
+    drop = (torch.rand(global_batch, generator=g) < class_dropout)[rows]
     g = torch.Generator(device)
     eps = torch.stack([torch.randn(latent_shape, generator=g.manual_seed(seeds[r]), device=device)
                        for r in rows.tolist()])
     return eps, t.to(device), drop.to(device)
-
-
-def velocity_loss(net, x, y, eps, t):
-    """Per-sample |v_theta(x_t, t, y) - (eps - x)|^2 / (C h w) at x_t = (1 - t) x + t eps  ->  [B]. This is
-    rae.flow_loss with eps and t given: drawn inside, they would depend on the rank and the micro-batch."""
-    tt = t.view(-1, 1, 1, 1)
-    x_t = (1 - tt) * x + tt * eps
-    return ((net(x_t, t, y).float() - (eps - x)) ** 2).mean(dim=(1, 2, 3))
 
 
 def build_model(name, latent_shape, num_classes, hidden_size=None, depth=None, num_heads=None):
@@ -252,6 +243,14 @@ def write_cache(rae, data, root, dtype, rank, world_size, batch_size, workers, d
         dist.barrier()
 
 
+def unreadable(data, device):
+    """' | N unreadable images skipped' over all ranks (collective), or '' (none, or a latent cache)."""
+    n = torch.tensor([float(getattr(data, 'skipped', 0))], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(n)
+    return f' | {int(n.item())} unreadable images skipped' if n.item() else ''
+
+
 # -----------------------------------------------------------------------------------------------------------
 # EMA samples: preview grids and online FID
 
@@ -288,8 +287,13 @@ def online_fid(ema, rae, n, reference, latent_shape, alpha, num_steps, ctx, seed
     its share and keeps only Inception pool3 features [n/world, 2048]; rank 0 returns the FID, others None."""
     import fid
     device = next(ema.parameters()).device
-    if not _FID:
-        _FID.update(net=fid.InceptionV3.from_pretrained().to(device), ref=fid.load_reference(reference))
+    if not _FID:  # rank 0 downloads first; only rank 0 needs the reference statistics
+        if world_size > 1 and rank != 0:
+            dist.barrier()
+        _FID.update(net=fid.InceptionV3.from_pretrained().to(device),
+                    ref=fid.load_reference(reference) if rank == 0 else None)
+        if world_size > 1 and rank == 0:
+            dist.barrier()
     g = torch.Generator().manual_seed(seed_of(seed, rank))
     share = -(-n // world_size)
 
@@ -341,9 +345,13 @@ def main(argv):
 
     # The frozen RAE: never DDP-wrapped, never compiled here, always fp32. Statistics and the cache hold raw tokens.
     from_cache = mode == 'train' and latent_cache is not None
+    if world_size > 1 and not is_master:
+        dist.barrier()  # rank 0 downloads first (the others would write the same .part files), then they read its cache
     rae = RAE.from_pretrained(encoder, image_size, decoder, stats=False if mode != 'train' else stats,
                               encoder_weights=encoder_weights, load_encoder=not from_cache,
                               encoder_overrides=encoder_overrides).to(dev)
+    if world_size > 1 and is_master:
+        dist.barrier()
     if from_cache:
         data = LatentCache(latent_cache, seed=global_seed)
         latent_shape = data.shape[2:]
@@ -357,18 +365,23 @@ def main(argv):
         raise SystemExit(f'num_classes={num_classes}, but the data has {data.labels.max() + 1} classes and '
                          f'sample_classes go up to {max(sample_classes)}')
 
+    if mode != 'train' and len(data) < world_size:
+        raise SystemExit(f'{data_path}: {len(data)} images for {world_size} ranks')
     if mode == 'stats':
         mean, var = latent_stats(rae, data, rank, world_size, micro, workers, dev)
+        skipped = unreadable(data, dev)  # collective
         if is_master:  # the released format: {'mean': [C,h,w] or None, 'var': [C,h,w]}; mean None = variance only
             path = os.path.join(out_dir, 'stat.pt')
             torch.save({'mean': mean.float().cpu() if stats_mean else None, 'var': var.float().cpu()}, path + '.tmp')
             os.replace(path + '.tmp', path)
             log(f'{path}: mean and variance {list(var.shape)} over {2 * len(data)} latents (both flips); '
-                f'mean |mean| {mean.abs().mean():.4f}, mean var {var.mean():.4f}')
+                f'mean |mean| {mean.abs().mean():.4f}, mean var {var.mean():.4f}{skipped}')
         return cleanup_ddp()
     if mode == 'cache':
         write_cache(rae, data, latent_cache, cache_dtype, rank, world_size, micro, workers, dev, latent_shape)
-        log(f'{latent_cache}: {len(data)} images x 2 flips of {list(latent_shape)} latents ({cache_dtype})')
+        skipped = unreadable(data, dev)
+        log(f'{latent_cache}: {len(data)} images x 2 flips of {list(latent_shape)} latents '
+            f'({cache_dtype}){skipped}')
         return cleanup_ddp()
 
     loader, sampler = make_loader(data, micro, rank, world_size, global_seed, workers)
@@ -430,7 +443,7 @@ def main(argv):
             # the gradient is the mean over the global batch: DDP averages ranks, we average micro-batches
             with ddp.no_sync() if m < grad_accum - 1 and world_size > 1 else contextlib.nullcontext():
                 with ctx:
-                    loss = velocity_loss(net, x, y, eps, t)
+                    loss = flow_loss(net, x, y, alpha, eps=eps, t=t)  # [micro]
                 (loss.sum() / (micro * grad_accum)).backward()
             sums[0] += loss.detach().sum()
         grad_norm = torch.nn.utils.clip_grad_norm_(dit.parameters(), grad_clip or math.inf)
@@ -442,13 +455,11 @@ def main(argv):
         sums[2] += grad_norm
         bar.update()
 
-        if step % log_every == 0 or step == total_steps:
-            unread = torch.tensor([float(getattr(data, 'skipped', 0))], dtype=torch.float64, device=dev)
-            total = torch.cat([sums, unread])
+        if (log_every and step % log_every == 0) or step == total_steps:
+            total = sums.clone()
             if world_size > 1:
                 dist.all_reduce(total)  # loss at log time only: no sync in the step
-            dt = time.perf_counter() - t0
-            skipped = f' | {int(total[3])} unreadable images skipped' if total[3] else ''
+            dt, skipped = time.perf_counter() - t0, unreadable(data, dev)
             log(f'step {step}/{total_steps} | epoch {epoch} | loss {total[0] / total[1]:.6f} | grad '
                 f'{total[2] / world_size / (step - logged):.4f} | lr {lr_now:.3e} | {(step - logged) / dt:.2f} '
                 f'steps/s | {(step - logged) * global_batch / dt:.1f} img/s{skipped}')
@@ -463,11 +474,11 @@ def main(argv):
                                seed_of(global_seed, step), rank, world_size, micro)
             if is_master:
                 log(f'step {step} | FID {score:.3f} ({fid_samples} EMA samples, {sample_steps} Euler steps, unguided)')
-        if step % ckpt_every == 0 or step == total_steps:
+        if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
             save_checkpoint(ckpt_dir, step=step, epoch=epoch, batch=batch, config=config, keep=ckpt_keep,
                             model=dit, ema=ema, optimizer=opt)
-        if step % log_every == 0:
-            logged, t0 = step, time.perf_counter()  # throughput leaves out previews, FID and checkpoints
+        if log_every and step % log_every == 0:
+            logged, t0 = step, time.perf_counter()  # previews, FID and checkpoints at log steps are not timed
     bar.close()
     cleanup_ddp()
 

@@ -954,9 +954,9 @@ def time_shift(t, alpha):
     return alpha * t / (1 + (alpha - 1) * t)
 
 
-def sample_t(n, time_dist='logit-normal', t_max=0.999):
+def sample_t(n, time_dist='logit-normal', t_max=0.999, generator=None):
     """Training times on [0, t_max] before the shift: 'uniform', or 'logit-normal' (0, 1) truncated (inverse CDF)."""
-    u = torch.rand(n)  # one draw of n on the CPU generator, as released
+    u = torch.rand(n, generator=generator)  # one draw of n on a CPU generator, as released
     if time_dist == 'uniform':
         return u * t_max
     if time_dist != 'logit-normal':
@@ -965,16 +965,18 @@ def sample_t(n, time_dist='logit-normal', t_max=0.999):
     return torch.sigmoid(math.sqrt(2) * torch.erfinv(2 * (u * cdf_max) - 1))
 
 
-def flow_loss(model, x, y, alpha, time_dist='logit-normal'):
+def flow_loss(model, x, y, alpha, time_dist='logit-normal', eps=None, t=None):
     """Per-sample loss ||v_theta(x_t, t, y) - (eps - x)||^2 / dim at shifted random times t: [B].
 
     The draws come in the authors' order (eps, then t, then the model's label dropout), so a seeded run matches theirs.
+    eps [B, C, h, w] and shifted t [B] may be given instead: diffusion_train.py draws them per row of the global
+    batch, so that a sample's noise does not depend on the rank or micro-batch it lands on.
     """
-    eps = torch.randn_like(x)
-    t = time_shift(sample_t(len(x), time_dist), alpha).to(x.device)
+    eps = torch.randn_like(x) if eps is None else eps
+    t = time_shift(sample_t(len(x), time_dist), alpha).to(x.device) if t is None else t
     tt = t.view(-1, 1, 1, 1)
     x_t = (1 - tt) * x + tt * eps
-    return ((model(x_t, t, y) - (eps - x)) ** 2).mean(dim=(1, 2, 3))
+    return ((model(x_t, t, y).float() - (eps - x)) ** 2).mean(dim=(1, 2, 3))  # fp32 loss under bf16 autocast
 
 
 def sample_grid(num_steps=50, alpha=1.0):

@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import diffusion_train as dt  # noqa: E402
-from rae import ENCODERS, RAE, Encoder, set_tf32, shift_alpha  # noqa: E402
+from rae import ENCODERS, RAE, Encoder, flow_loss, set_tf32, shift_alpha  # noqa: E402
 from training import ImageFolder, make_ema, update_ema  # noqa: E402
 
 # dense peak TFLOP/s of the tensor cores (fp32 runs as TF32)
@@ -113,7 +113,7 @@ def main():
                                                      dev)
                         y = torch.where(drop, 1000, y.to(dev))
                         with ctx:
-                            loss = dt.velocity_loss(net, x, y, eps, t)
+                            loss = flow_loss(net, x, y, alpha, eps=eps, t=t)
                         (loss.sum() / a.batch).backward()
                         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                         opt.step()

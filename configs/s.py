@@ -1,5 +1,5 @@
 # DiT^DH-S on DINOv2-B RAE latents at 256 px (§5, Fig. 6: gFID 6.07 at 80 epochs). Its early checkpoints are the
-# AutoGuidance guide of DiT^DH-XL (App. D: epoch 14 at 256 px, guidance 1.42).
+# AutoGuidance guide of DiT^DH-XL (App. D; the released sampling config uses its epoch-14 weights, w = 1.42).
 #   torchrun --standalone --nproc_per_node=8 diffusion_train.py configs/s.py --data_path=/data/imagenet/train
 # The defaults of diffusion_train.py are the recipe of configs/xl.py; only the size and length change here:
 # the S backbone (384 wide x 12 blocks) with the same 2048-wide 2-block head, 197M parameters.

@@ -1,5 +1,5 @@
-# DiT^DH-XL on DINOv2-B RAE latents at 256 px: the paper's main model (§5, App. F; Table 7: gFID 1.51 unguided at 800
-# epochs, 2.16 at 80, 1.13/1.18 with AutoGuidance).
+# DiT^DH-XL on DINOv2-B RAE latents at 256 px: the paper's main model (§5, App. F; Table 7: gFID 1.53 unguided at 800
+# epochs, 2.16 at 80, 1.18 with AutoGuidance).
 #   torchrun --standalone --nproc_per_node=8 diffusion_train.py configs/xl.py --data_path=/data/imagenet/train
 # Batch: 1024 global = 128 per GPU x 8 GPUs. ImageNet-1k train, 1,281,167 images: 160,145 per rank -> 1251 steps per
 # epoch (the last 17 images of each rank's share are left out of that epoch). 800 epochs = 1,000,800 steps; the

@@ -9,3 +9,4 @@ out_dir = 'runs/xl_512'
 image_size = 512                 # the released 512 decoder (patch 16 on 32 x 32 tokens) and its statistics
 grad_accum = 2
 epochs = 400
+fid_reference = 'imagenet512'   # ADM's 512 px reference batch, for --fid_every

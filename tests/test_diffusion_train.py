@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -172,6 +173,12 @@ def test_gradient_accumulation_equals_the_doubled_batch(toy, tmp_path):
     assert_close_states(final_state(tmp_path / 'one')['model'], final_state(tmp_path / 'switch')['model'], 2e-6)
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
 def ddp_worker(rank, world, port, argv):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR='127.0.0.1',
                       MASTER_PORT=str(port))
@@ -180,16 +187,65 @@ def ddp_worker(rank, world, port, argv):
 
 
 def test_ddp_two_processes_equal_one(toy, tmp_path):
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    mp.spawn(ddp_worker, args=(2, port, args(toy, tmp_path / 'two', max_steps=4)), nprocs=2)
+    mp.spawn(ddp_worker, args=(2, free_port(), args(toy, tmp_path / 'two', max_steps=4)), nprocs=2)
     run(args(toy, tmp_path / 'one', max_steps=4))
     one, two = losses(tmp_path / 'one'), losses(tmp_path / 'two')
     assert sorted(two) == [1, 2, 3, 4] and all(two[s] == pytest.approx(one[s], rel=1e-6) for s in one)
     a, b = final_state(tmp_path / 'one'), final_state(tmp_path / 'two')
     assert_close_states(a['model'], b['model'], 2e-6)
     assert len(b['rng']) == 2 and not any(k.startswith(('module.', '_orig_mod.')) for k in b['model'])
+
+
+def test_ddp_statistics_and_cache_equal_one_process(toy, tmp_path):
+    """The float64 moments merged across ranks and the cache rows each rank writes into the shared file."""
+    two = args(toy, tmp_path / 'two', mode='stats', global_batch=4)  # 16 images a rank, 2 each a forward
+    mp.spawn(ddp_worker, args=(2, free_port(), two), nprocs=2)
+    run(args(toy, tmp_path / 'one', mode='stats', global_batch=4))
+    a, b = torch.load(tmp_path / 'one' / 'stat.pt'), torch.load(tmp_path / 'two' / 'stat.pt')
+    torch.testing.assert_close(b['mean'], a['mean'], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b['var'], a['var'], rtol=1e-6, atol=0)
+    cache = args(toy, tmp_path / 'two', mode='cache', latent_cache=str(tmp_path / 'two_cache'), cache_dtype='float32')
+    mp.spawn(ddp_worker, args=(2, free_port(), cache), nprocs=2)
+    run(args(toy, tmp_path / 'one', mode='cache', latent_cache=str(tmp_path / 'one_cache'), cache_dtype='float32'))
+    for name in ('latents.npy', 'labels.npy'):
+        np.testing.assert_allclose(np.load(tmp_path / 'two_cache' / name), np.load(tmp_path / 'one_cache' / name),
+                                   rtol=1e-6, atol=1e-6, err_msg=name)
+    assert not (tmp_path / 'two_cache' / 'latents.npy.tmp').exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Online FID: the logged number is the FID of the documented EMA samples
+
+def test_online_fid_scores_the_ema_samples(toy, tmp_path, monkeypatch):
+    import fid
+    monkeypatch.setenv('RAE_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setattr(dt, '_FID', {})
+    torch.manual_seed(0)
+    inception = fid.InceptionV3()  # random weights under the cache name of the pytorch-fid file: no download
+    weights = tmp_path / 'cache' / urlparse(fid.INCEPTION_URL).path.lstrip('/')
+    weights.parent.mkdir(parents=True)
+    torch.save(inception.state_dict(), weights)
+    ref = {'mu': np.random.default_rng(0).normal(size=2048), 'sigma': np.eye(2048) * 0.1}
+    np.savez(tmp_path / 'ref.npz', **ref)
+    out = tmp_path / 'run'
+    run(args(toy, out, max_steps=2, fid_every=2, fid_samples=6, fid_reference=str(tmp_path / 'ref.npz')))
+    logged = float(re.search(r'^step 2 \| FID ([0-9.]+) \(6 EMA samples', (out / 'log.txt').read_text(), re.M)[1])
+
+    # the samples, as online_fid documents them: a generator seeded by (seed of (global_seed, step), rank), per batch
+    # of 16 (the micro-batch) labels then noise, 25 unguided Euler steps, decoded, rounded to 8 bits
+    ema = rae.load_dit(out / 'checkpoints' / '0000002.pt')
+    decoder = rae.RAE.from_pretrained('dinov2-b', 32, toy['decoder'], stats=False, load_encoder=False)
+    g = torch.Generator().manual_seed(dt.seed_of(dt.seed_of(0, 2), 0))
+    y, noise = torch.randint(4, (6,), generator=g), torch.randn(6, 32, 8, 8, generator=g)
+    with torch.no_grad():
+        z = rae.sample_ode(rae.guided_velocity(ema, y), noise, 25, rae.shift_alpha((32, 8, 8)))
+        images = (decoder.decode(z).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        pool3 = inception.eval()(images.permute(0, 3, 1, 2))[0].double().numpy()
+    # closed form for a reference covariance c I: Tr sqrtm(S c I) = sqrt(c) * sum of sqrt(eigenvalues of S)
+    mu, sigma = pool3.mean(0), np.cov(pool3, rowvar=False)
+    lam = np.linalg.eigvalsh(sigma).clip(min=0)
+    expected = ((mu - ref['mu']) ** 2).sum() + np.trace(sigma) + 0.1 * 2048 - 2 * np.sqrt(0.1) * np.sqrt(lam).sum()
+    assert logged == pytest.approx(expected, abs=2e-3, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -347,9 +347,12 @@ def main(argv):
     from_cache = mode == 'train' and latent_cache is not None
     if world_size > 1 and not is_master:
         dist.barrier()  # rank 0 downloads first (the others would write the same .part files), then they read its cache
-    rae = RAE.from_pretrained(encoder, image_size, decoder, stats=False if mode != 'train' else stats,
-                              encoder_weights=encoder_weights, load_encoder=not from_cache,
-                              encoder_overrides=encoder_overrides).to(dev)
+    try:  # a missing or mismatched weight file, or no network for a download: one line, not a traceback
+        rae = RAE.from_pretrained(encoder, image_size, decoder, stats=False if mode != 'train' else stats,
+                                  encoder_weights=encoder_weights, load_encoder=not from_cache,
+                                  encoder_overrides=encoder_overrides).to(dev)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise SystemExit(f'error: {e}') from None
     if world_size > 1 and is_master:
         dist.barrier()
     if from_cache:

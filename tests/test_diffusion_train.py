@@ -96,6 +96,8 @@ def test_config_errors_and_types(toy, tmp_path):
         run(args(toy, tmp_path, global_batch=15, grad_accum=2))
     with pytest.raises(SystemExit, match="mode='eval'"):
         run(args(toy, tmp_path, mode='eval'))
+    with pytest.raises(SystemExit, match='^error: weights file not found: .*nope.pt$'):
+        run(args(toy, tmp_path, decoder=str(tmp_path / 'nope.pt')))
     with pytest.raises(SystemExit, match='num_classes=3, but the data has 4 classes'):
         run(args(toy, tmp_path, num_classes=3, sample_classes=(0,)))
     c = configure(dt._DEFAULTS, [TINY, '--lr=1', '--max_steps=7', '--hidden_size=None'])

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from rae import center_crop_arr, copy_weights, download, load_state_dict_file
+from rae import center_crop_arr, copy_weights, download, load_state_dict_file, set_tf32
 
 # The pytorch-fid port of the 2015-12-05 TF graph that ADM's evaluator runs (566 keys, torchvision layout).
 INCEPTION_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
@@ -52,20 +52,12 @@ IMAGE_EXTS = {'.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff'}
 @contextmanager
 def exact_fp32():
     """True fp32 inside: TF32 off for matmuls and cuDNN, no autocast (the TF graph ran in full fp32)."""
-    if hasattr(torch.backends.cuda.matmul, 'fp32_precision'):  # torch >= 2.9: mixing in allow_tf32 is an error
-        flags, name, value = [torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn], \
-            'fp32_precision', 'ieee'
-    else:
-        flags, name, value = [torch.backends.cuda.matmul, torch.backends.cudnn], 'allow_tf32', False
-    old = [getattr(f, name) for f in flags]
-    for f in flags:
-        setattr(f, name, value)
+    old = set_tf32(False)
     try:
         with torch.autocast('cuda', enabled=False), torch.autocast('cpu', enabled=False):
             yield
     finally:
-        for f, o in zip(flags, old):
-            setattr(f, name, o)
+        set_tf32(old)
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -139,10 +139,30 @@ def load_state_dict_file(path):
     if path.suffix == '.safetensors':
         return load_safetensors(path)
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        try:  # mmap: a training checkpoint's other entries (optimizer moments, ...) are never read into memory
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except RuntimeError:  # files in torch's legacy (pre-zip) format cannot be mapped
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise ValueError(f'{path}: cannot be read as a torch file ({type(e).__name__}: {str(e)[:120]}); '
                          'truncated or not a checkpoint?') from None
+
+
+def model_state_dict(ckpt, what='checkpoint'):
+    """The model weights in a bare state dict or a training checkpoint ({'ema': ...} preferred, else {'model': ...}
+    or {'state_dict': ...}), without DDP / torch.compile name prefixes."""
+    if not isinstance(ckpt, dict):
+        raise ValueError(f'{what}: not a state dict or checkpoint dict (got {type(ckpt).__name__})')
+    for key in ('ema', 'model', 'state_dict'):
+        if isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            break
+    sd = {}
+    for k, v in ckpt.items():
+        while k.startswith(('module.', '_orig_mod.')):  # DDP and torch.compile wrappers
+            k = k.split('.', 1)[1]
+        sd[k] = v
+    return sd
 
 
 def copy_weights(model, mapped, what, names=None):
@@ -167,12 +187,17 @@ def copy_weights(model, mapped, what, names=None):
 
 
 def set_tf32(enabled):
-    """TF32 matmuls/convolutions on GPU. torch >= 2.9 has a new API and refuses a mix with the legacy flags."""
+    """TF32 matmuls/convolutions on GPU on or off; returns the previous flags, which set_tf32 takes back to restore
+    them exactly. torch >= 2.9 has a new API and refuses a mix with the legacy flags."""
     if hasattr(torch.backends.cuda.matmul, 'fp32_precision'):
-        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = \
+        flags, name, value = [torch.backends.cuda.matmul, torch.backends.cudnn.conv], 'fp32_precision', \
             'tf32' if enabled else 'ieee'
     else:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+        flags, name, value = [torch.backends.cuda.matmul, torch.backends.cudnn], 'allow_tf32', bool(enabled)
+    old = [getattr(f, name) for f in flags]
+    for f, v in zip(flags, enabled if isinstance(enabled, list) else [value] * len(flags)):
+        setattr(f, name, v)
+    return old
 
 
 def center_crop_arr(pil_image, image_size):
@@ -202,7 +227,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3x (B, h, N, d)
         if rope is not None:
-            q, k = rope(q).to(v.dtype), rope(k).to(v.dtype)  # the fp32 tables would promote bf16 q, k
+            q, k = rope(q), rope(k)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
@@ -592,11 +617,7 @@ class RAE(nn.Module):
         decoder = decoder or download(hf_url(HF_REPO, RELEASED_DECODERS[key]))
         if stats is not False:
             stats = stats or download(hf_url(HF_REPO, RELEASED_STATS[key]))
-        sd = load_state_dict_file(decoder)
-        for k in ('ema', 'model', 'state_dict'):  # a training checkpoint instead of a bare state dict
-            if k in sd and isinstance(sd[k], dict):
-                sd = sd[k]
-                break
+        sd = model_state_dict(load_state_dict_file(decoder), str(decoder))  # a decoder_train.py checkpoint too
         sd = {k.removeprefix('decoder.'): v for k, v in sd.items() if not k.startswith('encoder.')}
         dec = Decoder.from_state_dict(sd, what=str(decoder))
         cfg = ENCODERS[encoder]
@@ -664,7 +685,7 @@ class RoPE2D(nn.Module):
 
     def forward(self, x):  # x: (B, heads, N, head_dim)
         rotated = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)  # each pair (a, b) -> (-b, a)
-        return x * self.freqs_cos + rotated * self.freqs_sin
+        return (x * self.freqs_cos + rotated * self.freqs_sin).type_as(x)  # fp32 tables would promote bf16 q, k
 
 
 class PatchEmbed(nn.Module):
@@ -870,22 +891,6 @@ RELEASED_DITS = {  # DiT^DH-XL on DINOv2-B latents, and the early DiT^DH-S used 
 }
 
 
-def dit_state_dict(ckpt, what='checkpoint'):
-    """The model weights in a bare state dict or a training checkpoint ({'ema': ...} preferred, else {'model': ...})."""
-    if not isinstance(ckpt, dict):
-        raise ValueError(f'{what}: not a state dict or checkpoint dict (got {type(ckpt).__name__})')
-    for key in ('ema', 'model'):
-        if isinstance(ckpt.get(key), dict):
-            ckpt = ckpt[key]
-            break
-    sd = {}
-    for k, v in ckpt.items():
-        while k.startswith(('module.', '_orig_mod.')):  # DDP and torch.compile wrappers
-            k = k.split('.', 1)[1]
-        sd[k] = v
-    return sd
-
-
 def dit_config(sd, what='checkpoint'):
     """(model class, constructor kwargs) read off the tensor shapes of a LightningDiT / DiT^DH state dict."""
     need = ['x_embedder.proj.weight', 'pos_embed', 'y_embedder.embedding_table.weight', 'blocks.0.norm1.weight']
@@ -913,7 +918,7 @@ def dit_config(sd, what='checkpoint'):
 
 def load_dit_weights(model, ckpt, what='checkpoint'):
     """Load a state dict or checkpoint into model strictly; a mismatch names missing, unexpected, mis-shaped keys."""
-    return copy_weights(model, dit_state_dict(ckpt, what), what)
+    return copy_weights(model, model_state_dict(ckpt, what), what)
 
 
 def load_dit(path, what=None):
@@ -923,7 +928,7 @@ def load_dit(path, what=None):
     nudged copies of them, and the outputs only match the authors' if those are used.
     """
     what = what or str(path)
-    sd = dit_state_dict(load_state_dict_file(path), what)
+    sd = model_state_dict(load_state_dict_file(path), what)
     cls, kwargs = dit_config(sd, what)
     with torch.device('meta'):  # no time spent on a random init that is overwritten anyway
         model = cls(**kwargs)
@@ -1019,16 +1024,20 @@ def guided_velocity(model, y, cfg_scale=1.0, cfg_interval=(0.0, 1.0), guide=None
     if cfg_scale != 1 and guide is not None and guide_scale != 1:
         raise ValueError('use either CFG or AutoGuidance, not both')
     t_min, t_max = cfg_interval
+    autoguidance, cfg = guide is not None and guide_scale != 1, cfg_scale != 1
+    y_cfg = torch.cat([y, torch.full_like(y, model.num_classes)]) if cfg else None  # [conditional, null]
 
     def velocity(x, t):
-        inside = ((t >= t_min) & (t <= t_max)).view(-1, 1, 1, 1)
-        if guide is not None and guide_scale != 1:
+        if not (autoguidance or cfg):
+            return model(x, t, y)
+        inside = (t >= t_min) & (t <= t_max)
+        if (t_min > 0 or t_max < 1) and not inside.any():  # outside the interval: no guidance forward (one sync)
+            return model(x, t, y)
+        inside = inside.view(-1, 1, 1, 1)
+        if autoguidance:
             v_m, v_g = model(x, t, y), guide(x, t, y)
             return torch.where(inside, v_g + guide_scale * (v_m - v_g), v_m)
-        if cfg_scale != 1:  # one forward on the doubled batch [conditional, unconditional]
-            null = torch.full_like(y, model.num_classes)
-            v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-            return torch.where(inside, v_u + cfg_scale * (v_c - v_u), v_c)
-        return model(x, t, y)
+        v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), y_cfg).chunk(2)  # one forward on the doubled batch
+        return torch.where(inside, v_u + cfg_scale * (v_c - v_u), v_c)
 
     return velocity

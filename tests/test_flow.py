@@ -150,6 +150,27 @@ def test_guidance_formulas_per_sample_on_the_interval():
         rae.guided_velocity(model, y, cfg_scale=2.0, guide=guide, guide_scale=2.0)
 
 
+@torch.no_grad()
+def test_guidance_costs_forwards_only_inside_its_interval():
+    """CFG on [0, 0.7] at alpha = sqrt(48): the doubled batch only at grid points t <= 0.7, the plain one elsewhere,
+    and the same samples as guiding everywhere with where() would give."""
+    model, _ = tiny_pair()
+    x, _, y = tiny_inputs(n=2)
+    batches = []
+    counting = lambda x_t, t, y_: batches.append(len(x_t)) or model(x_t, t, y_)  # noqa: E731
+    counting.num_classes = model.num_classes
+    alpha = rae.shift_alpha((768, 16, 16))
+    out = rae.sample_ode(rae.guided_velocity(counting, y, cfg_scale=1.5, cfg_interval=(0.0, 0.7)), x, 50, alpha)
+    inside = int((rae.sample_grid(50, alpha)[:-1] <= 0.7).sum())  # the 49 update points
+    assert inside == 12 and batches == [2] * (49 - inside) + [4] * inside
+    null = torch.full_like(y, model.num_classes)
+
+    def everywhere(x_t, t):  # the formula of the interval test above, applied at every step
+        v_c, v_u = model(x_t, t, y), model(x_t, t, null)
+        return torch.where(t.view(-1, 1, 1, 1) <= 0.7, v_u + 1.5 * (v_c - v_u), v_c)
+    torch.testing.assert_close(out, rae.sample_ode(everywhere, x, 50, alpha), atol=1e-5, rtol=1e-5)
+
+
 def test_flow_loss_is_the_mse_to_eps_minus_x():
     """With a fixed seed, flow_loss draws eps first, then t; the loss is the per-sample MSE to eps - x."""
     x, y = torch.randn(4, 16, 4, 4), torch.tensor([0, 1, 2, 3])

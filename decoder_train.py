@@ -464,9 +464,9 @@ def evaluate(model, folder, n=0, reference=None, inception=None, batch_size=32):
     def batches():
         for b in src.batches(batch_size):
             x = torch.from_numpy(b).to(dev).permute(0, 3, 1, 2).float() / 255
-            y = model(x).clamp(0, 1).mul(255).round().to(torch.uint8)  # rounded, not truncated (facts §13.9)
-            total.add_(torch.stack([psnr(y.float() / 255, x).sum(), torch.tensor(len(x), device=dev)]))
-            y = y.permute(0, 2, 3, 1).contiguous()
+            y = rae.to_uint8(model(x)).contiguous()  # rounded, not truncated (facts §13.9)
+            total.add_(torch.stack([psnr(y.permute(0, 3, 1, 2).float() / 255, x).sum(),
+                                    torch.tensor(len(x), device=dev)]))
             if world > 1:
                 parts = [torch.empty_like(y) for _ in range(world)]
                 dist.all_gather(parts, y)
@@ -501,9 +501,9 @@ def reconstruct_file(model, path, out):
     with Image.open(path) as im:
         crop = np.array(rae.center_crop_arr(im.convert('RGB'), size))
     x = torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(255).to(next(model.parameters()).device)
-    y = model(x).clamp(0, 1).mul(255).round().to(torch.uint8)
-    Image.fromarray(np.concatenate([crop, y[0].permute(1, 2, 0).cpu().numpy()], axis=1)).save(out)
-    return psnr(y.float() / 255, x).item()
+    y = rae.to_uint8(model(x))
+    rae.save_grid(np.stack([crop, y[0].cpu().numpy()]), 2, out, pad=0)
+    return psnr(y.permute(0, 3, 1, 2).float() / 255, x).item()
 
 
 def write_toy(seed=0):

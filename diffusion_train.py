@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from rae import (RAE, Decoder, DiTDH, LightningDiT, build_dit, flow_loss, guided_velocity, sample_ode, sample_t,
-                 set_tf32, shift_alpha, time_shift)
+                 save_grid, set_tf32, shift_alpha, time_shift, to_uint8)
 from training import (ImageFolder, cleanup_ddp, configure, latest_checkpoint, load_checkpoint, lr_linear_decay,
                       make_ema, make_loader, print0, save_checkpoint, setup_ddp, start_log, update_ema, write_toy_dinov2)
 
@@ -267,17 +267,6 @@ def preview_noise(n, latent_shape, seed=0):
     return torch.randn(n, *latent_shape, generator=torch.Generator().manual_seed(seed))
 
 
-def save_grid(images, path, nrow=4):
-    """Images [n, 3, H, W] in [0, 1] -> one PNG, nrow to a row, no padding, rounded to 8 bits."""
-    n, _, H, W = images.shape
-    arr = (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    grid = np.zeros((-(-n // nrow) * H, min(n, nrow) * W, 3), np.uint8)
-    for i, im in enumerate(arr):
-        grid[i // nrow * H:(i // nrow + 1) * H, i % nrow * W:(i % nrow + 1) * W] = im
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(grid).save(path)
-
-
 _FID = {}  # the Inception network and reference statistics, loaded once
 
 
@@ -303,7 +292,7 @@ def online_fid(ema, rae, n, reference, latent_shape, alpha, num_steps, ctx, seed
             y = torch.randint(ema.num_classes, (b,), generator=g).to(device)
             x = torch.randn(b, *latent_shape, generator=g).to(device)
             images = generate(ema, rae, y, x, num_steps, alpha, ctx)
-            yield (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1)  # as a saved PNG would hold them
+            yield to_uint8(images)  # as a saved PNG would hold them
 
     pool3 = fid.extract_features(_FID['net'], batches(), share, 'online FID', progress=rank == 0)[0]
     if world_size > 1:
@@ -470,7 +459,8 @@ def main(argv):
         if is_master and sample_every and (step % sample_every == 0 or step == total_steps):
             y = torch.tensor(sample_classes, device=dev)
             noise = preview_noise(len(y), latent_shape).to(dev)
-            save_grid(generate(ema, rae, y, noise, sample_steps, alpha, ctx),
+            os.makedirs(os.path.join(out_dir, 'samples'), exist_ok=True)
+            save_grid(to_uint8(generate(ema, rae, y, noise, sample_steps, alpha, ctx)), 4,
                       os.path.join(out_dir, 'samples', f'{step:07d}.png'))
         if fid_every and step % fid_every == 0:
             score = online_fid(ema, rae, fid_samples, fid_reference, latent_shape, alpha, sample_steps, ctx,

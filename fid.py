@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from rae import center_crop_arr, copy_weights, download, load_state_dict_file, set_tf32
+from rae import IMAGE_EXTS, center_crop_arr, copy_weights, download, load_state_dict_file, set_tf32
 
 # The pytorch-fid port of the 2015-12-05 TF graph that ADM's evaluator runs (566 keys, torchvision layout).
 INCEPTION_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
@@ -46,7 +46,6 @@ ADM_REFS = {'imagenet256': '256/VIRTUAL_imagenet256_labeled.npz',
             'imagenet512': '512/VIRTUAL_imagenet512.npz',  # sic: no "_labeled" at 512
             'imagenet128': '128/VIRTUAL_imagenet128_labeled.npz',
             'imagenet64': '64/VIRTUAL_imagenet64_labeled.npz'}
-IMAGE_EXTS = {'.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff'}
 
 
 @contextmanager

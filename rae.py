@@ -200,6 +200,27 @@ def set_tf32(enabled):
     return old
 
 
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')  # what image folders are read for
+
+
+def to_uint8(images):
+    """Images [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3] as a PNG holds them: rounded to nearest, floor(255 x + 0.5)
+    (as DiT and torchvision save; the authors' sampler truncates, a -0.5/255 bias)."""
+    return images.clamp(0, 1).mul(255).add(0.5).floor().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def save_grid(images, ncol, path, pad=2):
+    """uint8 [B, H, W, 3] -> one PNG, ncol images per row, pad px of black around each (torchvision's layout)."""
+    images = np.asarray(images.cpu() if torch.is_tensor(images) else images)
+    B, H, W, _ = images.shape
+    nrow = math.ceil(B / ncol)
+    grid = np.zeros((pad + nrow * (H + pad), pad + ncol * (W + pad), 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = img
+    Image.fromarray(grid).save(path)
+
+
 def center_crop_arr(pil_image, image_size):
     """ADM's centre crop: halve with BOX while the short side >= 2x, BICUBIC resize the short side, crop."""
     while min(*pil_image.size) >= 2 * image_size:

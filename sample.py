@@ -14,8 +14,8 @@ velocity from the DiT (guided or not) -> RAE decoder -> pixels in [0, 1] -> 8 bi
 --num-samples N --out x.npz writes the ADM evaluator's format: arr_0 = uint8 [N, H, W, 3], arr_1 = the labels,
 exactly N / 1000 images per class in a fixed shuffled order. Sample i always gets the same noise (seeded by
 (--seed, i)), so the set does not depend on the number of GPUs or the batch size. Finished batches are kept in
-x.npz.parts/ and an interrupted run resumes there. Pixels are quantised by rounding, round(255 x) (as ADM and
-torchvision do; the authors' sample_ddp.py truncates, a -0.5/255 bias).
+x.npz.parts/ and an interrupted run resumes there. Pixels are quantised by rounding, floor(255 x + 0.5) (as DiT and
+torchvision save; the authors' sample_ddp.py truncates, a -0.5/255 bias).
 """
 import argparse
 import json
@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from tqdm.auto import tqdm
 
 import rae
@@ -149,20 +148,7 @@ def generate(a, autoencoder, model, guide, z, y, progress=False):
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == 'bf16'):
         x = rae.sample_ode(velocity, z.to(device), a.steps, a.alpha, method=a.sampler,
                            progress=progress)
-    images = autoencoder.decode(x.float()).clamp(0, 1)  # the decoder in fp32
-    images = images.mul(255).add(0.5).floor().clamp(0, 255).to(torch.uint8)  # round to nearest
-    return images.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_grid(images, ncol, path, pad=2):
-    """uint8 [B, H, W, 3] -> one PNG, ncol images per row, pad px of black around each (torchvision's layout)."""
-    B, H, W, _ = images.shape
-    nrow = math.ceil(B / ncol)
-    grid = np.zeros((pad + nrow * (H + pad), pad + ncol * (W + pad), 3), dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, ncol)
-        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = img
-    Image.fromarray(grid).save(path)
+    return rae.to_uint8(autoencoder.decode(x.float())).cpu().numpy()  # the decoder in fp32
 
 
 def balanced_labels(n, num_classes, seed):
@@ -264,7 +250,7 @@ def run(a):
         batches = [range(i, min(i + a.batch_size, len(y))) for i in range(0, len(y), a.batch_size)]
         images = np.concatenate([generate(a, autoencoder, model, guide, noise(b, shape, a.seed), y[b.start:b.stop],
                                           progress=True) for b in batches])
-        save_grid(images, a.n, a.out)
+        rae.save_grid(images, a.n, a.out)
         what = 'unconditional' if a.unconditional else f'class {", ".join(map(str, classes))}'
         print(f'wrote {a.out}: {len(images)} samples ({what}), {a.n} per row')
     if dist.is_initialized():

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from rae import ENCODERS, Encoder, center_crop_arr
+from rae import ENCODERS, IMAGE_EXTS, Encoder, center_crop_arr
 
 # -----------------------------------------------------------------------------------------------------------
 # Config: nanoGPT's configurator, without its warts (rank-0 printing, int->float, None defaults, '=' in
@@ -127,9 +127,6 @@ def cleanup_ddp():
 
 # -----------------------------------------------------------------------------------------------------------
 # Image folder: root/<class>/<image>, labels in sorted class order (torchvision's ImageFolder), PIL + numpy
-
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
-
 
 def random_crop_arr(pil_image, image_size, rng):
     """Stage 1: BICUBIC resize of the short side to 1.5x, then a random image_size crop (torchvision's

@@ -78,6 +78,8 @@ def check_args(a):
             a.autoguidance = float(a.autoguidance)
         except ValueError:
             raise ValueError(f'--autoguidance expects a scale w, e.g. 1.42 (got {a.autoguidance!r})') from None
+    if a.guide and a.autoguidance is None:
+        raise ValueError('--guide is the AutoGuidance guide: add --autoguidance (the released scale) or --autoguidance W')
     if a.cfg != 1 and a.autoguidance is not None:
         raise ValueError('use either --cfg or --autoguidance, not both')
     if a.cfg != 1 and a.unconditional:
@@ -144,7 +146,7 @@ def generate(a, autoencoder, model, guide, z, y, progress=False):
     """Noise [B, C, h, w] and labels [B] -> uint8 images [B, H, W, 3] (numpy)."""
     device = next(model.parameters()).device
     velocity = rae.guided_velocity(model, y.to(device), cfg_scale=a.cfg, cfg_interval=tuple(a.cfg_interval),
-                                   guide=guide, guide_scale=a.autoguidance or 1.0)
+                                   guide=guide, guide_scale=1.0 if a.autoguidance is None else a.autoguidance)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == 'bf16'):
         x = rae.sample_ode(velocity, z.to(device), a.steps, a.alpha, method=a.sampler,
                            progress=progress)
@@ -168,7 +170,7 @@ def write_npz(a, autoencoder, model, guide, rank, world):
     parts = Path(a.out + '.parts')
     run = {k: getattr(a, k) for k in ('ckpt', 'guide', 'decoder', 'stats', 'resolution', 'steps', 'sampler', 'cfg', 'cfg_interval',
                                       'autoguidance', 'unconditional', 'seed', 'num_samples', 'batch_size',
-                                      'precision')}
+                                      'precision', 'tf32')}
     run['cfg_interval'] = list(run['cfg_interval'])
     if rank == 0:
         parts.mkdir(exist_ok=True)

@@ -1,7 +1,7 @@
 """Sampling speed: the sampling loop per step vs the bare model forward calls it makes, measured in the same run.
 
     python bench/bench_sample.py [--model DiTDH-S] [--batch 2] [--steps 4] [--guidance none|cfg|ag] [--device cpu]
-                                 [--precision fp32|bf16] [--decode] [--repeats 5]
+                                 [--precision fp32|bf16] [--decode] [--repeats 5] [--threads N]
 
 Prints ms per forward call, ms per sampling step, the loop overhead (target <= 5%) and images/s for the released
 50-point grid (49 steps; + the ViT-XL decoder with --decode). Random weights: speed does not depend on them.

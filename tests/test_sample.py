@@ -206,6 +206,7 @@ def test_512_uses_the_512_files(env, hub, tmp_path):
     (['--cfg', '2', '--autoguidance'], 'either --cfg or --autoguidance'),
     (['--autoguidance', 'strong'], '--autoguidance expects a scale'),
     (['--unconditional', '--cfg', '3'], '--cfg needs class labels'),
+    (['--guide', 'OUT/guide.pt'], '--guide is the AutoGuidance guide'),
     (['--num-samples', '20', '--class', '3', '--out', 'OUT/x.npz'], '--class does not go with --num-samples'),
     (['--ckpt', 'OUT/missing.pt'], 'not found'),
     (['--ckpt', 'OUT/wide.pt'], r'latents, but the RAE decodes .*another encoder or resolution'),

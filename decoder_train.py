@@ -37,8 +37,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fid
 import rae
 from training import (ImageFolder, cleanup_ddp, configure, latest_checkpoint, load_checkpoint, lr_warmup_cosine,
-                      make_ema, make_loader, print0, save_checkpoint, setup_ddp, start_log, unwrap, update_ema,
-                      write_toy_dinov2)
+                      make_ema, make_loader, one_line_errors, print0, rank0_first, save_checkpoint, setup_ddp,
+                      start_log, unreadable, unwrap, update_ema, write_toy_dinov2)
 
 # -----------------------------------------------------------------------------------------------------------
 # LPIPS (Zhang et al. 2018): a perceptual distance from a frozen VGG16 with learned per-channel weights
@@ -267,9 +267,9 @@ class Discriminator(nn.Module):
         return torch.cat([head(f).flatten(1) for head, f in zip(self.heads, self.features(x))], dim=1)
 
     @classmethod
-    def from_pretrained(cls, weights=None, **kwargs):
-        """Heads on the published DINO ViT-S/8 (downloaded unless weights is a local file)."""
-        return cls(rae.Encoder.from_pretrained('dino-s8', weights), **kwargs)
+    def from_pretrained(cls, weights=None, key_depths=(2, 5, 8, 11), **overrides):
+        """Heads on the published DINO ViT-S/8 (downloaded unless weights is a local file; overrides: a tiny one)."""
+        return cls(rae.Encoder.from_pretrained('dino-s8', weights, **overrides), key_depths)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -572,9 +572,7 @@ def main(argv):
         dist.barrier()
 
     torch.manual_seed(global_seed)  # the initial decoder and heads are the same on every rank
-    if world_size > 1 and not is_master:
-        dist.barrier()  # rank 0 downloads first, the others then read its files from the cache
-    try:  # missing or wrong weight files and failed downloads end in one line
+    with rank0_first(), one_line_errors():  # missing or wrong weight files and failed downloads end in one line
         reference, inception = None, None
         if rfid_reference and val_path and mode != 'reconstruct' and is_master:  # rank 0 alone runs Inception
             reference, inception = fid.load_reference(rfid_reference), fid.InceptionV3.from_pretrained().to(dev)
@@ -585,12 +583,7 @@ def main(argv):
             enc = rae.Encoder.from_pretrained(encoder, encoder_weights, image_size // decoder_patch * patch,
                                               **(encoder_overrides or {}))  # DINOv2: 224 px, 16 x 16 tokens at 256
             lpips = LPIPS.from_pretrained(*(lpips_weights or (None, None))).to(dev)
-            disc = Discriminator(rae.Encoder.from_pretrained('dino-s8', disc_weights, **(disc_overrides or {})),
-                                 disc_key_depths).to(dev)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise SystemExit(f'decoder_train.py: {e}') from None
-    if world_size > 1 and is_master:
-        dist.barrier()
+            disc = Discriminator.from_pretrained(disc_weights, disc_key_depths, **(disc_overrides or {})).to(dev)
     if mode == 'reconstruct':
         print(f'wrote {recon_out}: {image} (centre crop) | reconstruction, '
               f'PSNR {reconstruct_file(model, image, recon_out):.2f} dB')
@@ -628,7 +621,7 @@ def main(argv):
     ckpt_dir = os.path.join(out_dir, 'checkpoints')
     step, epoch, batch = 0, 0, 0  # batch = batches of `epoch` consumed
     if path := latest_checkpoint(ckpt_dir):  # last before the loop: it restores the random streams
-        c = load_checkpoint(path, model=dec, ema=ema, optimizer=opt, disc=disc, optimizer_d=opt_d)
+        c = load_checkpoint(path, config, model=dec, ema=ema, optimizer=opt, disc=disc, optimizer_d=opt_d)
         step, epoch, batch = c['step'], c['epoch'], c['batch']
         log(f'resumed from {path}: step {step}, epoch {epoch}, batch {batch}')
 
@@ -658,11 +651,11 @@ def main(argv):
                 if world_size > 1:
                     dist.all_reduce(means)
                     means /= world_size
-                seconds, skipped = time.perf_counter() - t0, data.skipped
+                seconds, skipped = time.perf_counter() - t0, unreadable(data, dev)
                 losses = ' '.join(f'{k} {v:.9g}' for k, v in zip(keys, means.tolist()))  # 9 digits: fp32 exactly
                 log(f'step {step}/{last} | epoch {epoch} | {losses}'
                     + f' | lr {lr_now:.3e} | {n / seconds:.2f} steps/s | {n * global_batch / seconds:.1f} img/s'
-                    + (f' | {skipped} unreadable images skipped' if skipped else ''))
+                    + skipped)
                 stats, t0 = defaultdict(list), time.perf_counter()
             if (ckpt_every and step % ckpt_every == 0) or batch == steps_per_epoch:
                 save_checkpoint(ckpt_dir, step=step, epoch=epoch, batch=batch, config=config, keep=ckpt_keep,

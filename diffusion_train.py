@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from rae import (RAE, Decoder, DiTDH, LightningDiT, build_dit, flow_loss, guided_velocity, sample_ode, sample_t,
                  save_grid, set_tf32, shift_alpha, time_shift, to_uint8)
 from training import (ImageFolder, cleanup_ddp, configure, latest_checkpoint, load_checkpoint, lr_linear_decay,
-                      make_ema, make_loader, print0, save_checkpoint, setup_ddp, start_log, update_ema, write_toy_dinov2)
+                      make_ema, make_loader, one_line_errors, print0, rank0_first, save_checkpoint, setup_ddp,
+                      start_log, unreadable, update_ema, write_toy_dinov2)
 
 _imported = set(globals())  # the config is what the block below defines
 # -----------------------------------------------------------------------------------------------------------
@@ -243,14 +244,6 @@ def write_cache(rae, data, root, dtype, rank, world_size, batch_size, workers, d
         dist.barrier()
 
 
-def unreadable(data, device):
-    """' | N unreadable images skipped' over all ranks (collective), or '' (none, or a latent cache)."""
-    n = torch.tensor([float(getattr(data, 'skipped', 0))], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(n)
-    return f' | {int(n.item())} unreadable images skipped' if n.item() else ''
-
-
 # -----------------------------------------------------------------------------------------------------------
 # EMA samples: preview grids and online FID
 
@@ -276,13 +269,10 @@ def online_fid(ema, rae, n, reference, latent_shape, alpha, num_steps, ctx, seed
     its share and keeps only Inception pool3 features [n/world, 2048]; rank 0 returns the FID, others None."""
     import fid
     device = next(ema.parameters()).device
-    if not _FID:  # rank 0 downloads first; only rank 0 needs the reference statistics
-        if world_size > 1 and rank != 0:
-            dist.barrier()
-        _FID.update(net=fid.InceptionV3.from_pretrained().to(device),
-                    ref=fid.load_reference(reference) if rank == 0 else None)
-        if world_size > 1 and rank == 0:
-            dist.barrier()
+    if not _FID:  # only rank 0 needs the reference statistics
+        with rank0_first():
+            _FID.update(net=fid.InceptionV3.from_pretrained().to(device),
+                        ref=fid.load_reference(reference) if rank == 0 else None)
     g = torch.Generator().manual_seed(seed_of(seed, rank))
     share = -(-n // world_size)
 
@@ -334,16 +324,10 @@ def main(argv):
 
     # The frozen RAE: never DDP-wrapped, never compiled here, always fp32. Statistics and the cache hold raw tokens.
     from_cache = mode == 'train' and latent_cache is not None
-    if world_size > 1 and not is_master:
-        dist.barrier()  # rank 0 downloads first (the others would write the same .part files), then they read its cache
-    try:  # a missing or mismatched weight file, or no network for a download: one line, not a traceback
+    with rank0_first(), one_line_errors():
         rae = RAE.from_pretrained(encoder, image_size, decoder, stats=False if mode != 'train' else stats,
                                   encoder_weights=encoder_weights, load_encoder=not from_cache,
                                   encoder_overrides=encoder_overrides).to(dev)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise SystemExit(f'error: {e}') from None
-    if world_size > 1 and is_master:
-        dist.barrier()
     if from_cache:
         data = LatentCache(latent_cache, seed=global_seed)
         latent_shape = data.shape[2:]
@@ -399,9 +383,7 @@ def main(argv):
     ckpt_dir = os.path.join(out_dir, 'checkpoints')
     step, epoch, batch = 0, 0, 0  # batch = micro-batches of `epoch` consumed
     if path := latest_checkpoint(ckpt_dir):
-        c = load_checkpoint(path, model=dit, ema=ema, optimizer=opt)
-        if c['config']['global_batch'] != global_batch:
-            raise SystemExit(f'{path} was trained with global_batch={c["config"]["global_batch"]}, not {global_batch}')
+        c = load_checkpoint(path, config, model=dit, ema=ema, optimizer=opt)
         # another number of ranks or accumulation steps goes on exactly: the draws do not depend on the split
         step, epoch, batch = c['step'], c['epoch'], c['batch'] // c['config']['grad_accum'] * grad_accum
         log(f'resumed from {path}: step {step}, epoch {epoch}, batch {batch}')

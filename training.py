@@ -19,6 +19,7 @@ Order of use in a training script (the comments say why the order matters):
         batch = 0
 """
 import ast
+import contextlib
 import copy
 import math
 import multiprocessing
@@ -125,6 +126,26 @@ def cleanup_ddp():
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block first (its downloads fill the shared cache), then the other ranks (cache hits): ranks
+    downloading at once would write the same .part files."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if dist.is_initialized() and dist.get_rank() == 0:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """A missing or mismatched weight file, or a download without network, ends the script in one line."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(f'error: {e}') from None
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Image folder: root/<class>/<image>, labels in sorted class order (torchvision's ImageFolder), PIL + numpy
 
@@ -188,6 +209,14 @@ class ImageFolder(torch.utils.data.Dataset):
         if self.flip and rng.random() < 0.5:
             arr = arr[:, ::-1]
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255), int(self.labels[j])
+
+
+def unreadable(data, device):
+    """' | N unreadable images skipped' summed over all ranks (collective), or '' (none, or not an ImageFolder)."""
+    n = torch.tensor([float(getattr(data, 'skipped', 0))], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(n)
+    return f' | {int(n.item())} unreadable images skipped' if n.item() else ''
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -317,15 +346,19 @@ def save_checkpoint(ckpt_dir, *, step, epoch, batch, config, keep=3, **state):
         dist.barrier()
 
 
-def load_checkpoint(path, **objects):
+def load_checkpoint(path, config=None, **objects):
     """Restore each object (model=..., ema=..., optimizer=...) from its entry, and this rank's RNG states;
     returns the checkpoint dict (step, epoch, batch, config, extras). Call it last before the loop: any random
-    draw between it and the first step would shift every stream."""
+    draw between it and the first step would shift every stream. With the run's config, a checkpoint of another
+    global_batch is refused: its data position (batches of an epoch) would mean other images."""
     if not os.path.isfile(path):
         raise SystemExit(f'{path}: no such checkpoint')
     # mmap: tensors are paged in as each load_state_dict copies them (8 ranks x an XL checkpoint of 13 GB
     # would otherwise sit in host memory at once)
     ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    if config and ckpt['config'].get('global_batch') != config['global_batch']:
+        raise SystemExit(f'{path} was trained with global_batch={ckpt["config"].get("global_batch")}, not '
+                         f'{config["global_batch"]}: start in another out_dir')
     for key, obj in objects.items():
         if key not in ckpt:
             raise SystemExit(f'{path}: no {key!r} entry (it has {", ".join(ckpt)})')

@@ -98,6 +98,9 @@ def test_config_errors_and_types(toy, tmp_path):
         run(args(toy, tmp_path, mode='eval'))
     with pytest.raises(SystemExit, match='^error: weights file not found: .*nope.pt$'):
         run(args(toy, tmp_path, decoder=str(tmp_path / 'nope.pt')))
+    run(args(toy, tmp_path / 'b16', max_steps=1))
+    with pytest.raises(SystemExit, match='trained with global_batch=16, not 8'):  # its data position means other images
+        run(args(toy, tmp_path / 'b16', max_steps=2, global_batch=8))
     with pytest.raises(SystemExit, match='num_classes=3, but the data has 4 classes'):
         run(args(toy, tmp_path, num_classes=3, sample_classes=(0,)))
     c = configure(dt._DEFAULTS, [TINY, '--lr=1', '--max_steps=7', '--hidden_size=None'])

@@ -323,14 +323,16 @@ def discriminator_loss(logits_real, logits_fake):
     return 0.5 * (F.relu(1 - logits_real.float()).mean() + F.relu(1 + logits_fake.float()).mean())
 
 
-def adaptive_weight(rec_loss, gan_loss, last_layer, max_weight=1e4):
+def adaptive_weight(g_rec, g_gan, recon, last_layer, max_weight=1e4):
     """lambda = |grad_W rec| / (|grad_W gan| + 1e-6) at the decoder's last layer W, clamped and detached.
 
-    Norms in fp32 whatever the autocast state (the reference computed lambda inside autocast until its PR #43).
+    g_rec, g_gan: the two losses' gradients at the reconstruction; from there to W is the last layer alone, where
+    differentiating the losses again would run LPIPS and D backward a second time. Norms in fp32 whatever the
+    autocast state (the reference computed lambda inside autocast until its PR #43).
     """
-    g_rec, = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
-    g_gan, = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)
-    return (g_rec.float().norm() / (g_gan.float().norm() + 1e-6)).clamp(0, max_weight).detach()
+    w_rec, = torch.autograd.grad(recon, last_layer, g_rec, retain_graph=True)
+    w_gan, = torch.autograd.grad(recon, last_layer, g_gan, retain_graph=True)
+    return (w_rec.float().norm() / (w_gan.float().norm() + 1e-6)).clamp(0, max_weight).detach()
 
 
 def decoder_loss(recon, images, lpips, disc=None, last_layer=None, perceptual_weight=1.0, disc_weight=0.75,
@@ -345,9 +347,15 @@ def decoder_loss(recon, images, lpips, disc=None, last_layer=None, perceptual_we
         return rec, logs
     gan = generator_loss(disc(augment(recon * 2 - 1)))
     with torch.autocast(recon.device.type, enabled=False):  # lambda outside autocast (the reference's PR #43 fix)
-        weight = adaptive_weight(rec, gan, last_layer)
+        g_rec, = torch.autograd.grad(rec, recon, retain_graph=True)  # LPIPS backward, once
+        g_gan, = torch.autograd.grad(gan, recon, retain_graph=True)  # D backward, once
+        weight = adaptive_weight(g_rec, g_gan, recon, last_layer)
     logs.update(gan=gan.detach(), gan_weight=weight)
-    return rec + disc_weight * weight * gan, logs
+    # The value of rec + w_G lambda gan, with the gradient g_rec + w_G lambda g_gan at recon: backward() goes on
+    # into the decoder only, instead of through LPIPS and D again.
+    g = (g_rec + disc_weight * weight * g_gan).detach()
+    surrogate = (recon * g).sum()
+    return (rec + disc_weight * weight * gan).detach() + surrogate - surrogate.detach(), logs
 
 
 def to_8bit(x):

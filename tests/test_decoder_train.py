@@ -288,27 +288,29 @@ def test_decoder_loss_matches_reference(golden_dir):
     W = decoder.pred.weight  # the reference's decoder_pred.weight
     close(torch.autograd.grad(rec, W, retain_graph=True)[0], out['grad_recon_total_wrt_decoder_pred'])
     close(torch.autograd.grad(gan, W, retain_graph=True)[0], out['grad_gan_wrt_decoder_pred'])
-    close(dt.adaptive_weight(rec, gan, W), out['adaptive_weight'])
+    g_rec, g_gan = (torch.autograd.grad(loss, recon, retain_graph=True)[0] for loss in (rec, gan))
+    close(dt.adaptive_weight(g_rec, g_gan, recon, W), out['adaptive_weight'])
     total, logs = dt.decoder_loss(recon, images, lpips, disc, W, augment=lambda x: x)  # golden: no DiffAug
     close(total, out['total_loss'])
     close(logs['gan_weight'], out['adaptive_weight'])
-    total.backward()
-    assert decoder.pred.weight.grad is not None and all(p.grad is None for p in lpips.parameters())
+    total.backward()  # through the decoder only, with the gradient of rec + 0.75 lambda gan
+    close(W.grad, out['grad_recon_total_wrt_decoder_pred'] + 0.75 * out['adaptive_weight'] *
+          out['grad_gan_wrt_decoder_pred'])
+    assert all(p.grad is None for p in lpips.parameters())
 
 
 def test_adaptive_weight_is_the_gradient_norm_ratio():
     torch.manual_seed(0)
     W = torch.randn(3, 4, requires_grad=True)
     x, t = torch.randn(4), torch.randn(3)
-    rec = ((W @ x - t) ** 2).sum()
-    gan = torch.sin(W).sum() * 0.3
-    g_rec = 2 * torch.outer(W.detach() @ x - t, x)  # d/dW |Wx - t|^2
-    g_gan = 0.3 * torch.cos(W.detach())
-    lam = dt.adaptive_weight(rec, gan, W)
-    close(lam, g_rec.norm() / (g_gan.norm() + 1e-6), 1e-6)
+    recon = W @ x  # the last layer
+    y = recon.detach()
+    d_rec, d_gan = 2 * (y - t), 0.3 * torch.cos(y)  # the gradients at recon of |recon - t|^2 and 0.3 sum sin(recon)
+    lam = dt.adaptive_weight(d_rec, d_gan, recon, W)
+    close(lam, torch.outer(d_rec, x).norm() / (torch.outer(d_gan, x).norm() + 1e-6), 1e-6)  # d/dW = outer(., x)
     assert not lam.requires_grad
-    rec.backward()  # the graph was retained for the real backward
-    assert dt.adaptive_weight((W ** 2).sum(), (W * 0).sum(), W).item() == 1e4  # clamped at max_weight
+    assert dt.adaptive_weight(d_rec, d_gan * 0, recon, W).item() == 1e4  # clamped at max_weight
+    recon.sum().backward()  # the graph was retained for the real backward
 
 
 def test_hinge_and_generator_losses_on_known_logits():

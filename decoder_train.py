@@ -17,7 +17,6 @@ trained with a hinge loss; lambda balances the two gradients at the decoder's la
 Reading order: LPIPS, the DINO discriminator, DiffAug, the losses, then the training script (its defaults, the
 two update steps, evaluation, main).
 """
-import hashlib
 import math
 import os
 import sys
@@ -48,19 +47,6 @@ VGG16_SHA256_PREFIX = '397923af'  # torchvision names its files after the first 
 LPIPS_URL = 'https://heibox.uni-heidelberg.de/f/607503859c864bc1b30b/?dl=1'  # LPIPS v0.1 heads (taming vgg.pth)
 LPIPS_MD5 = 'd507d7349b931f0638a25a48a722f98a'
 VGG16_STAGES = (2, 2, 3, 3, 3)  # 3x3 convolutions per stage; LPIPS taps the last ReLU of every stage
-
-
-def checked(path, algorithm, expected):
-    """path if its hex digest starts with expected; else the file is removed (so a retry downloads it again)."""
-    h = hashlib.new(algorithm)
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    if not h.hexdigest().startswith(expected):
-        os.remove(path)
-        raise ValueError(f'{path}: {algorithm} {h.hexdigest()} does not match the published {expected}; '
-                         'the file was removed, run again to download it anew')
-    return path
 
 
 class LPIPS(nn.Module):
@@ -132,9 +118,9 @@ class LPIPS(nn.Module):
     def from_pretrained(cls, vgg_weights=None, lin_weights=None):
         """The published LPIPS-VGG; each file is downloaded (and checksummed) unless a local path is given."""
         if vgg_weights is None:
-            vgg_weights = checked(rae.download(VGG16_URL), 'sha256', VGG16_SHA256_PREFIX)
+            vgg_weights = rae.download(VGG16_URL, sha256=VGG16_SHA256_PREFIX)
         if lin_weights is None:
-            lin_weights = checked(rae.download(LPIPS_URL, filename='lpips/vgg.pth'), 'md5', LPIPS_MD5)
+            lin_weights = rae.download(LPIPS_URL, filename='lpips/vgg.pth', md5=LPIPS_MD5)
         vgg, lin = rae.load_state_dict_file(vgg_weights), rae.load_state_dict_file(lin_weights)
         first_convs = [f'features.{i}.weight' for i in (0, 5, 10, 17, 24)]  # fix the width of each stage
         if not all(k in vgg for k in first_convs):
@@ -363,6 +349,7 @@ def to_8bit(x):
     return torch.round((x.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
 
 
+_imported = set(globals())  # the config is what the block below defines
 # -----------------------------------------------------------------------------------------------------------
 # The script. Defaults: the released recipe (DINOv2-B, ViT-XL decoder, 256 px, 16 epochs; configs/decoder_xl.py).
 # Config files are executed over them, then --key=value overrides; a run resumes from its newest checkpoint.
@@ -375,7 +362,7 @@ rfid_reference = None               # fid.py statistics of those crops: python f
 eval_every = 0                      # steps between evaluations of the EMA decoder (0: at the end of training only)
 eval_images = 0                     # the first N images of val_path in sorted order (0: all)
 image = None                        # mode='reconstruct': an image file; writes recon_out = centre crop | reconstruction
-recon_out = 'recon.png'
+recon_out = 'recon.png'             # where mode='reconstruct' writes
 decoder = None                      # for eval/reconstruct: a checkpoint or decoder file, 'released'; None: newest
 toy = False                         # True: first write random-weight stand-ins for missing weight files, and toy images
 # the autoencoder
@@ -397,25 +384,25 @@ disc_weights = None                 # the DINO ViT-S/8 backbone file; None downl
 disc_overrides = None               # preset changes for that backbone (tiny stand-ins)
 disc_key_depths = (2, 5, 8, 11)     # blocks whose tokens get a head, besides the last output
 # optimisation: AdamW for the decoder and the discriminator heads alike
-global_batch = 512
-epochs = 16
+global_batch = 512                  # over all ranks (64 per GPU on 8)
+epochs = 16                         # App. E.2; 2502 steps each at batch 512
 lr = 2e-4                           # linear from 0 over warmup_epochs, then cosine to lr_final at epoch lr_decay_end
 lr_final = 2e-5
 warmup_epochs = 1
-lr_decay_end = 16
-betas = (0.9, 0.95)
+lr_decay_end = 16                   # the epoch the cosine reaches lr_final
+betas = (0.9, 0.95)                 # the released GPU recipe; the paper-era one had (0.5, 0.9)
 weight_decay = 0.0
 ema_decay = 0.9978                  # per step, no warm-up
 # system
 device = None                       # None: CUDA when available; 'cpu'
 precision = 'bf16'                  # 'bf16' autocast or 'fp32' (TF32 matmuls on a GPU either way)
 compile = True                      # torch.compile the RAE, LPIPS and the discriminator's backbone, after the EMA copy
-global_seed = 0
+global_seed = 0                     # model init; rank r draws from global_seed * world + r
 workers = 8                         # data loader processes per rank
-log_every = 100
+log_every = 100                     # steps between log lines (means over ranks and steps)
 ckpt_every = 0                      # steps between checkpoints, besides the one closing every epoch (0: those only)
-ckpt_keep = 3
-_DEFAULTS = {k: v for k, v in globals().items() if not k.isupper()}  # the components' CONSTANTS are no config
+ckpt_keep = 3                       # checkpoints kept (the newest)
+_DEFAULTS = {k: v for k, v in globals().items() if k not in _imported}
 
 
 def psnr(x, y):

@@ -45,12 +45,14 @@ def cache_dir():
     return Path(os.environ.get('RAE_CACHE', Path.home() / '.cache' / 'rae'))
 
 
-def download(url, sha256=None, size=None, filename=None, retries=5):
+def download(url, sha256=None, size=None, filename=None, retries=5, md5=None):
     """Fetch url into the cache once and return the local path.
 
     The cache path is the URL's path without the host (so an HF_ENDPOINT mirror shares the cache). Data goes to
     `<path>.part` and is renamed when complete and verified, so a crash never leaves a bad file under the final
-    name; an interrupted download resumes from the partial file with an HTTP Range request.
+    name; an interrupted download resumes from the partial file with an HTTP Range request. sha256 / md5: the
+    published hex digest, or its first digits (torchvision names its files after 8 of them); checked once, on
+    download.
     """
     rel = filename or urlparse(url).path.lstrip('/')
     if not rel or rel.endswith('/'):
@@ -88,14 +90,16 @@ def download(url, sha256=None, size=None, filename=None, retries=5):
     if size is not None and got != size:
         part.unlink()
         raise RuntimeError(f'download of {url}: expected {size} bytes, got {got}; the partial file was removed')
-    if sha256 is not None:
-        h = hashlib.sha256()
+    for algorithm, expected in (('sha256', sha256), ('md5', md5)):
+        if expected is None:
+            continue
+        h = hashlib.new(algorithm)
         with open(part, 'rb') as f:
             for block in iter(lambda: f.read(1 << 20), b''):
                 h.update(block)
-        if h.hexdigest() != sha256:
+        if not h.hexdigest().startswith(expected):
             part.unlink()
-            raise RuntimeError(f'download of {url}: sha256 {h.hexdigest()} != expected {sha256}; file removed')
+            raise RuntimeError(f'download of {url}: {algorithm} {h.hexdigest()} != expected {expected}; file removed')
     os.replace(part, path)
     return str(path)
 

@@ -4,7 +4,7 @@ an ImageNet-style image folder, EMA, checkpoints with exact resume, learning-rat
 
 Order of use in a training script (the comments say why the order matters):
 
-    config = configure(globals(), sys.argv[1:]); globals().update(config)  # defaults <- files <- --key=value
+    config = configure(_DEFAULTS, sys.argv[1:]); globals().update(config)  # defaults <- files <- --key=value
     rank, local_rank, world_size, device, is_master = setup_ddp(device)
     torch.manual_seed(global_seed * world_size + rank)                      # one stream per rank (DiT)
     loader, sampler = make_loader(ImageFolder(data_dir, image_size, 'center', flip=True, seed=global_seed),

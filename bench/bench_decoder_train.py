@@ -1,6 +1,7 @@
 """Decoder-training step time on the CPU for a small decoder, fp32 and bf16 autocast, and where the step goes.
 
     python bench/bench_decoder_train.py [--image-size 128] [--batch 2] [--iters 5] [--threads 1] [--disc-input 112]
+                                        [--precisions fp32,bf16]
 
 One step = what decoder_train.py runs once the GAN loss is on: generator_step (encode with latent noise, decode,
 L1 + LPIPS + lambda-weighted GAN loss, backward, AdamW), the EMA update and discriminator_step (a fresh eval-mode
@@ -9,9 +10,9 @@ widths: DINOv2-B encoder, LPIPS on the full VGG16, DINO ViT-S/8 discriminator ba
 (--width, --depth). The discriminator resizes to 224 px in training; --disc-input lowers that to keep CPU runs short.
 
 The shares come from timing each part alone, as the step uses it: the frozen encoder (2 forwards: G and D step), the
-decoder (forward + backward + AdamW, a no-grad forward, the EMA), LPIPS (forward + 2 backwards: lambda's gradient
-and the loss's), the discriminator (G step: forward + 2 backwards to its input; D step: 2 forwards, backward,
-AdamW); "other" is the step minus their sum (L1, lambda's norms, DiffAug, 8-bit rounding, Python).
+decoder (forward + backward + AdamW, a no-grad forward, the EMA), LPIPS (forward + one backward to its input), the
+discriminator (G step: forward + one backward to its input; D step: 2 forwards, backward, AdamW); "other" is the
+step minus their sum (L1, lambda's last-layer gradients and norms, DiffAug, 8-bit rounding, Python).
 """
 import argparse
 import sys
@@ -48,6 +49,7 @@ def main():
     ap.add_argument('--disc-input', type=int, default=112, help='discriminator input size (training: 224)')
     ap.add_argument('--iters', type=int, default=5, help='rounds timed (medians), after one warm-up round')
     ap.add_argument('--threads', type=int, default=1, help='1: steady figures on a shared machine')
+    ap.add_argument('--precisions', default='fp32,bf16', help='bf16 autocast is emulated (slow) on CPUs without it')
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -65,7 +67,7 @@ def main():
           f'on {grid}x{grid} DINOv2-B tokens, {args.image_size} px, batch {args.batch}, discriminator at '
           f'{args.disc_input} px, {args.threads} threads')
 
-    for precision in ('fp32', 'bf16'):
+    for precision in args.precisions.split(','):
         ctx = torch.autocast('cpu', dtype=torch.bfloat16) if precision == 'bf16' else nullcontext()
 
         def step():
@@ -95,15 +97,13 @@ def main():
         def perceptual():
             with ctx:
                 d = lpips(x * 2 - 1, recon * 2 - 1).mean()
-            torch.autograd.grad(d, recon, retain_graph=True)
-            d.backward()
+            torch.autograd.grad(d, recon)
 
         def discriminator():
             disc.eval().requires_grad_(False)
             with ctx:
                 g = dt.generator_loss(disc(dt.diffaug(recon * 2 - 1)))
-            torch.autograd.grad(g, recon, retain_graph=True)
-            g.backward()
+            torch.autograd.grad(g, recon)
             disc.train().requires_grad_(True)
             with ctx:
                 loss = dt.discriminator_loss(disc(dt.diffaug(x * 2 - 1)), disc(dt.diffaug(x * 2 - 1)))

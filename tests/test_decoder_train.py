@@ -140,10 +140,11 @@ def test_lpips_from_pretrained_downloads_and_checks(tiny_http_server, tmp_path, 
     x, y = torch.rand(1, 3, 16, 16) * 2 - 1, torch.rand(1, 3, 16, 16) * 2 - 1
     assert torch.equal(a(x, y), b(x, y))
     assert (tmp_path / 'lpips' / 'vgg.pth').exists()
-    monkeypatch.setattr(dt, 'LPIPS_MD5', '0' * 32)  # a corrupted cache file is refused and removed
-    with pytest.raises(ValueError, match='md5'):
+    monkeypatch.setenv('RAE_CACHE', str(tmp_path / 'fresh'))
+    monkeypatch.setattr(dt, 'LPIPS_MD5', '0' * 32)  # a download that does not match is refused and removed
+    with pytest.raises(RuntimeError, match='md5'):
         dt.LPIPS.from_pretrained()
-    assert not (tmp_path / 'lpips' / 'vgg.pth').exists()
+    assert not list((tmp_path / 'fresh' / 'lpips').iterdir())
 
 
 # ----------------------------------------------------------------------------------------------------------

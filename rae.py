@@ -1,7 +1,7 @@
 """
-nano RAE: Diffusion Transformers with Representation Autoencoders, in one file.
+nano RAE: Diffusion Transformers with Representation Autoencoders, the models in one file.
 
-Reading order (an image's way through the model):
+An image's way through this file, top to bottom:
   pixels [B,3,256,256] in [0,1]
     -> Encoder: a frozen, published ViT (DINOv2-B with registers, SigLIP2-B, MAE-B)     tokens [B,256,768]
     -> RAE.encode: tokens as a 2D map, normalised by the latent statistics             latent x [B,768,16,16]
@@ -9,231 +9,19 @@ Reading order (an image's way through the model):
     -> sampler: integrate dx/dt = v from t = 1 (noise) to t ~ 0 (data)                  latent
     -> RAE.decode: a trained ViT decoder maps tokens back to pixels                     images [B,3,256,256]
 
-Sections: downloads and weight files, the ViT (encoders and decoder), the RAE, then the diffusion models,
-the flow and the samplers.
+Downloads and file formats live in files.py; what stays here is what loads the published weights into each model.
 """
-import hashlib
-import json
 import math
-import os
-import struct
-import time
-from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
-import requests
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm.auto import tqdm
 
-# -----------------------------------------------------------------------------------------------------------
-# Downloads and weight files
+from files import copy_weights, download, hf_url, load_state_dict_file, model_state_dict
 
 HF_REPO = 'nyu-visionx/RAE-collections'  # the authors' released decoders, statistics and DiTs
-
-
-def hf_url(repo_id, path, revision='main'):
-    """URL of a file on the Hugging Face hub; HF_ENDPOINT points it at a mirror (the hub convention)."""
-    endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
-    return f'{endpoint}/{repo_id}/resolve/{revision}/{path}'
-
-
-def cache_dir():
-    return Path(os.environ.get('RAE_CACHE', Path.home() / '.cache' / 'rae'))
-
-
-def download(url, sha256=None, size=None, filename=None, retries=5, md5=None):
-    """Fetch url into the cache once and return the local path.
-
-    The cache path is the URL's path without the host (so an HF_ENDPOINT mirror shares the cache). Data goes to
-    `<path>.part` and is renamed when complete and verified, so a crash never leaves a bad file under the final
-    name; an interrupted download resumes from the partial file with an HTTP Range request. sha256 / md5: the
-    published hex digest, or its first digits (torchvision names its files after 8 of them); checked once, on
-    download.
-    """
-    rel = filename or urlparse(url).path.lstrip('/')
-    if not rel or rel.endswith('/'):
-        rel = hashlib.sha256(url.encode()).hexdigest()[:16]
-    path = cache_dir() / rel
-    if path.exists() and (size is None or path.stat().st_size == size):
-        return str(path)  # cache hit: no request at all
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + '.part')
-    hint = f'no network? download {url} by hand and place it at {path} (or set RAE_CACHE)'
-    for attempt in range(retries):
-        have = part.stat().st_size if part.exists() else 0
-        headers = {'Range': f'bytes={have}-'} if have else {}
-        try:
-            with requests.get(url, headers=headers, stream=True, timeout=30) as r:
-                if r.status_code == 416:  # the partial file is already complete
-                    break
-                if r.status_code not in (200, 206):
-                    raise RuntimeError(f'download of {url} failed: HTTP {r.status_code}; {hint}')
-                if r.status_code == 200:
-                    have = 0  # the server ignored the Range header: start over
-                length = r.headers.get('Content-Length')
-                total = have + int(length) if length is not None else size
-                with open(part, 'ab' if have else 'wb') as f, \
-                        tqdm(total=total, initial=have, unit='B', unit_scale=True, desc=path.name) as bar:
-                    for chunk in r.iter_content(1 << 16):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-            break
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-            if attempt == retries - 1:
-                raise RuntimeError(f'download of {url} failed ({type(e).__name__}); {hint}') from None
-            time.sleep(min(2 ** attempt, 10) * 0.1)
-    got = part.stat().st_size
-    if size is not None and got != size:
-        part.unlink()
-        raise RuntimeError(f'download of {url}: expected {size} bytes, got {got}; the partial file was removed')
-    for algorithm, expected in (('sha256', sha256), ('md5', md5)):
-        if expected is None:
-            continue
-        h = hashlib.new(algorithm)
-        with open(part, 'rb') as f:
-            for block in iter(lambda: f.read(1 << 20), b''):
-                h.update(block)
-        if not h.hexdigest().startswith(expected):
-            part.unlink()
-            raise RuntimeError(f'download of {url}: {algorithm} {h.hexdigest()} != expected {expected}; file removed')
-    os.replace(part, path)
-    return str(path)
-
-
-_ST_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
-              'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8,
-              'BOOL': torch.bool}
-
-
-def load_safetensors(path):
-    """Read a .safetensors file: 8-byte little-endian header length, a JSON header, then raw tensor bytes."""
-    data = Path(path).read_bytes()
-    try:
-        (n,) = struct.unpack('<Q', data[:8])
-        header = json.loads(data[8:8 + n])
-    except (struct.error, ValueError, UnicodeDecodeError):
-        raise ValueError(f'{path}: not a safetensors file (bad header)') from None
-    header.pop('__metadata__', None)
-    out = {}
-    for name, info in header.items():
-        begin, end = info['data_offsets']
-        if 8 + n + end > len(data):
-            raise ValueError(f'{path}: truncated file ({len(data)} bytes, tensor {name!r} needs {8 + n + end})')
-        buf = data[8 + n + begin:8 + n + end]
-        t = torch.frombuffer(bytearray(buf), dtype=_ST_DTYPES[info['dtype']]) if buf else \
-            torch.empty(0, dtype=_ST_DTYPES[info['dtype']])
-        out[name] = t.reshape(info['shape'])
-    return out
-
-
-def load_state_dict_file(path):
-    """A state dict from .safetensors or a torch file (or a save_pretrained directory); one-line errors."""
-    path = Path(path)
-    if path.is_dir():
-        found = [path / n for n in ('model.safetensors', 'pytorch_model.bin') if (path / n).exists()]
-        if not found:
-            raise FileNotFoundError(f'{path}: no model.safetensors or pytorch_model.bin in this directory')
-        path = found[0]
-    if not path.exists():
-        raise FileNotFoundError(f'weights file not found: {path}')
-    if path.suffix == '.safetensors':
-        return load_safetensors(path)
-    try:
-        try:  # mmap: a training checkpoint's other entries (optimizer moments, ...) are never read into memory
-            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        except RuntimeError:  # files in torch's legacy (pre-zip) format cannot be mapped
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ValueError(f'{path}: cannot be read as a torch file ({type(e).__name__}: {str(e)[:120]}); '
-                         'truncated or not a checkpoint?') from None
-
-
-def model_state_dict(ckpt, what='checkpoint'):
-    """The model weights in a bare state dict or a training checkpoint ({'ema': ...} preferred, else {'model': ...}
-    or {'state_dict': ...}), without DDP / torch.compile name prefixes."""
-    if not isinstance(ckpt, dict):
-        raise ValueError(f'{what}: not a state dict or checkpoint dict (got {type(ckpt).__name__})')
-    for key in ('ema', 'model', 'state_dict'):
-        if isinstance(ckpt.get(key), dict):
-            ckpt = ckpt[key]
-            break
-    sd = {}
-    for k, v in ckpt.items():
-        while k.startswith(('module.', '_orig_mod.')):  # DDP and torch.compile wrappers
-            k = k.split('.', 1)[1]
-        sd[k] = v
-    return sd
-
-
-def copy_weights(model, mapped, what, names=None):
-    """Copy a {our name: tensor} dict into model with a shape check per tensor and a count check (nanoGPT).
-
-    names maps our names to the file's names, so that errors name the key the user can find in their file.
-    """
-    names = names or {}
-    ours = model.state_dict()
-    missing = [k for k in ours if k not in mapped]
-    unexpected = [k for k in mapped if k not in ours]
-    if missing or unexpected:
-        raise ValueError(f'{what}: weights do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}')
-    for k, v in mapped.items():
-        if v.shape != ours[k].shape:
-            raise ValueError(f'{what}: weights for a different model: {names.get(k, k)} has shape '
-                             f'{tuple(v.shape)}, expected {tuple(ours[k].shape)}')
-    with torch.no_grad():
-        for k, v in mapped.items():
-            ours[k].copy_(v)
-    return model
-
-
-def set_tf32(enabled):
-    """TF32 matmuls/convolutions on GPU on or off; returns the previous flags, which set_tf32 takes back to restore
-    them exactly. torch >= 2.9 has a new API and refuses a mix with the legacy flags."""
-    if hasattr(torch.backends.cuda.matmul, 'fp32_precision'):
-        flags, name, value = [torch.backends.cuda.matmul, torch.backends.cudnn.conv], 'fp32_precision', \
-            'tf32' if enabled else 'ieee'
-    else:
-        flags, name, value = [torch.backends.cuda.matmul, torch.backends.cudnn], 'allow_tf32', bool(enabled)
-    old = [getattr(f, name) for f in flags]
-    for f, v in zip(flags, enabled if isinstance(enabled, list) else [value] * len(flags)):
-        setattr(f, name, v)
-    return old
-
-
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')  # what image folders are read for
-
-
-def to_uint8(images):
-    """Images [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3] as a PNG holds them: rounded to nearest, floor(255 x + 0.5)
-    (as DiT and torchvision save; the authors' sampler truncates, a -0.5/255 bias)."""
-    return images.clamp(0, 1).mul(255).add(0.5).floor().to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def save_grid(images, ncol, path, pad=2):
-    """uint8 [B, H, W, 3] -> one PNG, ncol images per row, pad px of black around each (torchvision's layout)."""
-    images = np.asarray(images.cpu() if torch.is_tensor(images) else images)
-    B, H, W, _ = images.shape
-    nrow = math.ceil(B / ncol)
-    grid = np.zeros((pad + nrow * (H + pad), pad + ncol * (W + pad), 3), dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, ncol)
-        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = img
-    Image.fromarray(grid).save(path)
-
-
-def center_crop_arr(pil_image, image_size):
-    """ADM's centre crop: halve with BOX while the short side >= 2x, BICUBIC resize the short side, crop."""
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
-    return Image.fromarray(arr[top:top + image_size, left:left + image_size])
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -282,22 +70,77 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # The published encoders. pos_grid is the side of the stored position-embedding grid; input_size the side images
 # are resized to (224 for DINOv2 gives 16x16 tokens at patch 14, like 256 at patch 16); antialias follows how
-# transformers interpolates that model's position embeddings.
+# transformers interpolates that model's position embeddings; layout names the table of PUBLISHED below.
 ENCODERS = {
-    'dinov2-s': dict(width=384, depth=12, heads=6, patch=14, pos_grid=37, input_size=224, registers=4,
-                     layerscale=True, eps=1e-6, antialias=True, repo='facebook/dinov2-with-registers-small'),
-    'dinov2-b': dict(width=768, depth=12, heads=12, patch=14, pos_grid=37, input_size=224, registers=4,
-                     layerscale=True, eps=1e-6, antialias=True, repo='facebook/dinov2-with-registers-base'),
+    'dinov2-s': dict(width=384, depth=12, heads=6, patch=14, pos_grid=37, input_size=224, registers=4, layerscale=True,
+                     eps=1e-6, antialias=True, layout='dinov2', repo='facebook/dinov2-with-registers-small'),
+    'dinov2-b': dict(width=768, depth=12, heads=12, patch=14, pos_grid=37, input_size=224, registers=4, layerscale=True,
+                     eps=1e-6, antialias=True, layout='dinov2', repo='facebook/dinov2-with-registers-base'),
     'dinov2-l': dict(width=1024, depth=24, heads=16, patch=14, pos_grid=37, input_size=224, registers=4,
-                     layerscale=True, eps=1e-6, antialias=True, repo='facebook/dinov2-with-registers-large'),
-    'siglip2-b': dict(width=768, depth=12, heads=12, patch=16, pos_grid=16, input_size=256, cls=False,
-                      act='tanh', eps=1e-6, mean=(0.5,) * 3, std=(0.5,) * 3, repo='google/siglip2-base-patch16-256'),
-    'mae-b': dict(width=768, depth=12, heads=12, patch=16, pos_grid=14, input_size=256, eps=1e-12,
+                     layerscale=True, eps=1e-6, antialias=True, layout='dinov2',
+                     repo='facebook/dinov2-with-registers-large'),
+    'siglip2-b': dict(width=768, depth=12, heads=12, patch=16, pos_grid=16, input_size=256, cls=False, act='tanh',
+                      eps=1e-6, mean=(0.5,) * 3, std=(0.5,) * 3, layout='siglip2', repo='google/siglip2-base-patch16-256'),
+    'mae-b': dict(width=768, depth=12, heads=12, patch=16, pos_grid=14, input_size=256, eps=1e-12, layout='mae',
                   repo='facebook/vit-mae-base'),
     # DINO v1 ViT-S/8: the frozen discriminator backbone of decoder training (its MLP uses tanh GELU there)
     'dino-s8': dict(width=384, depth=12, heads=6, patch=8, pos_grid=28, input_size=224, act='tanh', eps=1e-6,
-                    file=(HF_REPO, 'discs/dino_vit_small_patch8_224.pth')),
+                    layout='dino', file=(HF_REPO, 'discs/dino_vit_small_patch8_224.pth')),
 }
+
+# Published key names, our module -> theirs, per layout: (prefix of the tower in the file, names outside the blocks,
+# prefix of block {i}, names inside a block). A tuple is concatenated along dim 0: our fused qkv = [q; k; v].
+# Every tensor takes the .weight / .bias of its module; other tensors in the file (text tower, MAE decoder,
+# mask token, the final LayerNorm's affine, which RAE drops) are not read.
+_HF_QKV = tuple(f'attention.attention.{n}' for n in ('query', 'key', 'value'))
+_HF_VIT_BLOCK = {'norm1': 'layernorm_before', 'attn.qkv': _HF_QKV, 'attn.proj': 'attention.output.dense',
+                 'norm2': 'layernorm_after', 'fc1': 'intermediate.dense', 'fc2': 'output.dense'}
+PUBLISHED = {
+    'dinov2': ('', {'patch_embed': 'embeddings.patch_embeddings.projection', 'cls_token': 'embeddings.cls_token',
+                    'pos_embed': 'embeddings.position_embeddings', 'register_tokens': 'embeddings.register_tokens'},
+               'encoder.layer.{i}.', {'norm1': 'norm1', 'attn.qkv': _HF_QKV, 'attn.proj': 'attention.output.dense',
+                                      'norm2': 'norm2', 'fc1': 'mlp.fc1', 'fc2': 'mlp.fc2',
+                                      'ls1': 'layer_scale1.lambda1', 'ls2': 'layer_scale2.lambda1'}),
+    'siglip2': ('vision_model.', {'patch_embed': 'embeddings.patch_embedding',
+                                  'pos_embed': 'embeddings.position_embedding.weight'},  # [N, C]: no CLS
+                'encoder.layers.{i}.', {'norm1': 'layer_norm1', 'norm2': 'layer_norm2', 'fc1': 'mlp.fc1',
+                                        'fc2': 'mlp.fc2', 'attn.proj': 'self_attn.out_proj',
+                                        'attn.qkv': ('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj')}),
+    'mae': ('vit.', {'patch_embed': 'embeddings.patch_embeddings.projection', 'cls_token': 'embeddings.cls_token',
+                     'pos_embed': 'embeddings.position_embeddings'}, 'encoder.layer.{i}.', _HF_VIT_BLOCK),
+    'dino': ('', {'patch_embed': 'patch_embed.proj', 'cls_token': 'cls_token', 'pos_embed': 'pos_embed'},  # timm
+             'blocks.{i}.', {'norm1': 'norm1', 'attn.qkv': 'attn.qkv', 'attn.proj': 'attn.proj', 'norm2': 'norm2',
+                             'fc1': 'mlp.fc1', 'fc2': 'mlp.fc2'}),
+    'decoder': ('', {'embed': 'decoder_embed', 'cls_token': 'trainable_cls_token', 'pos_embed': 'decoder_pos_embed',
+                     'norm': 'decoder_norm', 'pred': 'decoder_pred'}, 'decoder_layers.{i}.', _HF_VIT_BLOCK),
+}
+
+
+def load_published(model, sd, layout, path, optional=()):
+    """Copy a state dict in a published layout into model, tensor by tensor through the table PUBLISHED[layout].
+
+    Names in `optional` that the file lacks keep the model's own values.
+    """
+    prefix, outer, block, inner = PUBLISHED[layout]
+    if any(k.startswith(prefix) for k in sd):  # the tower inside a larger model's file
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if any(k.startswith(block.format(i=len(model.blocks))) for k in sd):
+        raise ValueError(f'{path}: weights for a different model: more than {len(model.blocks)} blocks')
+    ours, mapped, names = model.state_dict(), {}, {}
+    for key in ours:
+        i, module = (key.split('.')[1], key.split('.', 2)[2]) if key.startswith('blocks.') else (None, key)
+        module, param = module.rsplit('.', 1) if module.endswith(('.weight', '.bias')) else (module, None)
+        theirs = (inner if i else outer)[module]
+        theirs = [(block.format(i=i) if i else '') + t + (f'.{param}' if param else '')
+                  for t in (theirs if isinstance(theirs, tuple) else (theirs,))]
+        if any(t not in sd for t in theirs):
+            if key in optional:
+                continue
+            raise ValueError(f'{path}: weights for a different model: {prefix}{theirs[0]} is missing')
+        mapped[key], names[key] = torch.cat([sd[t] for t in theirs]), prefix + theirs[0]
+    if mapped.get('pos_embed', ours['pos_embed']).ndim == 2:  # SigLIP2 stores an nn.Embedding table [N, C]
+        mapped['pos_embed'] = mapped['pos_embed'][None]
+    return copy_weights(model, {k: mapped.get(k, v) for k, v in ours.items()}, path, names)
 
 
 class Encoder(nn.Module):
@@ -305,9 +148,10 @@ class Encoder(nn.Module):
 
     def __init__(self, width, depth, heads, patch, pos_grid, input_size, registers=0, cls=True, layerscale=False,
                  mlp_hidden=None, act='gelu', eps=1e-6, antialias=False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 name='vit', **unused):
+                 name='vit', layout='dinov2', **unused):
         super().__init__()
-        self.name, self.patch, self.input_size, self.antialias = name, patch, input_size, antialias
+        self.name, self.patch, self.input_size, self.antialias, self.layout = name, patch, input_size, antialias, layout
+        self.check_inputs = True  # the training scripts turn it off: their loaders give [0, 1] by construction
         self.n_prefix = int(cls) + registers  # tokens in front of the patch tokens (CLS, registers)
         self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if cls else None
@@ -349,7 +193,7 @@ class Encoder(nn.Module):
     def forward(self, images):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f'{self.name}: expected images [B,3,H,W], got shape {tuple(images.shape)}')
-        if not torch.compiler.is_compiling():
+        if self.check_inputs and not torch.compiler.is_compiling():  # one host sync: not in a training step
             lo, hi = torch.aminmax(images.detach())
             if lo < 0 or hi > 1:
                 raise ValueError(f'{self.name}: images must be in [0,1], got values in [{lo:.3g}, {hi:.3g}]')
@@ -374,97 +218,17 @@ class Encoder(nn.Module):
         if input_size is not None:
             cfg['input_size'] = input_size
         if weights is None:
-            repo, file = cfg.get('file', (cfg.get('repo'), 'model.safetensors'))
-            weights = download(hf_url(repo, file))
-        sd = load_state_dict_file(weights)
+            weights = download(hf_url(*cfg.get('file', (cfg['repo'], 'model.safetensors'))))
         model = cls(**cfg)
-        model.load_published(sd, weights)
+        load_published(model, load_state_dict_file(weights), model.layout, weights)
         return model.eval().requires_grad_(False)
-
-    def load_published(self, sd, what='weights'):
-        """Map a published state dict (HF hub layout, or DINO v1's timm layout) to ours, key by key."""
-        try:
-            return self._map_published(dict(sd), what)
-        except KeyError as e:
-            raise ValueError(f'{what}: weights for a different model: {e.args[0]} is missing') from None
-
-    def _map_published(self, sd, what):
-        for prefix in ('vision_model.', 'vit.'):  # SiglipModel's vision tower, ViTMAEForPreTraining's encoder
-            if any(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        out, src = {}, {}  # our name -> tensor, our name -> the file's name (for error messages)
-
-        def take(ours, *theirs):  # the first present of several published spellings (hub / transformers 5.x)
-            for name in theirs:
-                if name in sd:
-                    out[ours], src[ours] = sd[name], name
-                    return
-            raise KeyError(theirs[0])
-
-        if 'blocks.0.attn.qkv.weight' in sd:  # DINO v1 (timm layout): already fused qkv
-            take('patch_embed.weight', 'patch_embed.proj.weight')
-            take('patch_embed.bias', 'patch_embed.proj.bias')
-            take('cls_token', 'cls_token')
-            take('pos_embed', 'pos_embed')
-            for i in range(len(self.blocks)):
-                for s in ('weight', 'bias'):
-                    for a, b in [('norm1', 'norm1'), ('norm2', 'norm2'), ('attn.qkv', 'attn.qkv'),
-                                 ('attn.proj', 'attn.proj'), ('fc1', 'mlp.fc1'), ('fc2', 'mlp.fc2')]:
-                        take(f'blocks.{i}.{a}.{s}', f'blocks.{i}.{b}.{s}')
-            return copy_weights(self, out, what, src)
-        siglip = 'embeddings.patch_embedding.weight' in sd
-        emb = 'embeddings.patch_embedding' if siglip else 'embeddings.patch_embeddings.projection'
-        take('patch_embed.weight', emb + '.weight')
-        take('patch_embed.bias', emb + '.bias')
-        if siglip:  # nn.Embedding weight [N, C], no CLS
-            take('pos_embed', 'embeddings.position_embedding.weight')
-            out['pos_embed'] = out['pos_embed'][None]
-        else:
-            take('cls_token', 'embeddings.cls_token')
-            take('pos_embed', 'embeddings.position_embeddings')
-        if self.register_tokens is not None:
-            take('register_tokens', 'embeddings.register_tokens')
-        for i in range(len(self.blocks)):
-            # hub names first, then transformers 5.x in-memory names (MAE there: layers.N, mlp.fc1/fc2)
-            ps = [f'encoder.layers.{i}.'] if siglip else [f'encoder.layer.{i}.', f'layers.{i}.']
-            q = f'blocks.{i}.'
-
-            def alt(*names):
-                return [p + n for p in ps for n in names]
-            for s in ('weight', 'bias'):
-                if siglip:
-                    names = {'q': alt(f'self_attn.q_proj.{s}'), 'k': alt(f'self_attn.k_proj.{s}'),
-                             'v': alt(f'self_attn.v_proj.{s}'), 'attn.proj': alt(f'self_attn.out_proj.{s}'),
-                             'norm1': alt(f'layer_norm1.{s}'), 'norm2': alt(f'layer_norm2.{s}'),
-                             'fc1': alt(f'mlp.fc1.{s}'), 'fc2': alt(f'mlp.fc2.{s}')}
-                else:
-                    names = {'q': alt(f'attention.attention.query.{s}', f'attention.q_proj.{s}'),
-                             'k': alt(f'attention.attention.key.{s}', f'attention.k_proj.{s}'),
-                             'v': alt(f'attention.attention.value.{s}', f'attention.v_proj.{s}'),
-                             'attn.proj': alt(f'attention.output.dense.{s}', f'attention.o_proj.{s}'),
-                             'norm1': alt(f'norm1.{s}', f'layernorm_before.{s}'),
-                             'norm2': alt(f'norm2.{s}', f'layernorm_after.{s}'),
-                             'fc1': alt(f'mlp.fc1.{s}', f'intermediate.dense.{s}'),
-                             'fc2': alt(f'mlp.fc2.{s}', f'output.dense.{s}')}
-                for ours, theirs in names.items():
-                    take(q + (f'attn.{ours}.{s}' if ours in 'qkv' else f'{ours}.{s}'), *theirs)
-                # fused qkv = [q; k; v] along the output dimension
-                parts = [out.pop(q + f'attn.{n}.{s}') for n in 'qkv']
-                src[q + f'attn.qkv.{s}'] = [src.pop(q + f'attn.{n}.{s}') for n in 'qkv'][0]  # named by q
-                if len({t.shape for t in parts}) != 1:
-                    raise ValueError(f'{what}: weights for a different model: q/k/v shapes differ in layer {i}')
-                out[q + f'attn.qkv.{s}'] = torch.cat(parts)
-            if self.blocks[i].ls1 is not None:
-                take(q + 'ls1', *alt('layer_scale1.lambda1'))
-                take(q + 'ls2', *alt('layer_scale2.lambda1'))
-        return copy_weights(self, out, what, src)
 
 
 def sincos_2d(width, grid):
     """Fixed 2D sin-cos position embedding [grid*grid, width] (MAE recipe), row-major tokens.
 
     Channels [0, width/2) encode the column, [width/2, width) the row; each half is [sin(p w_i), cos(p w_i)] with
-    w_i = 1 / 10000^(i / (width/4)). Built in float64 like the reference, then cast.
+    w_i = 1 / 10000^(i / (width/4)). Built in float64, then cast.
     """
     omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width / 4))
     rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing='ij')
@@ -496,7 +260,7 @@ class Decoder(nn.Module):
     def forward(self, tokens):
         x = self.embed(tokens)  # (B, N, D)
         B, N, D = x.shape
-        if N != self.grid ** 2:  # another token count: resize the embedded token grid bilinearly (reference rule)
+        if N != self.grid ** 2:  # another token count: resize the embedded token grid bilinearly
             n = math.isqrt(N)
             x = x.transpose(1, 2).reshape(B, D, n, n)
             x = F.interpolate(x, size=(self.grid, self.grid), mode='bilinear', align_corners=False)
@@ -510,49 +274,19 @@ class Decoder(nn.Module):
         return x.reshape(B, 3, g * p, g * p)
 
     @classmethod
-    def from_state_dict(cls, sd, heads=None, what='decoder'):
-        """A decoder sized from its weights, in our layout or the released (HF ViTMAE decoder) layout.
-
-        Shapes fix everything but the head count: 16 for widths 1152/1024, 12 for 768, else width // 64.
-        """
-        sd = {k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in sd.items()}
-        released = 'decoder_embed.weight' in sd
-        if not released and 'embed.weight' not in sd:
-            raise ValueError(f'{what}: not a decoder state dict (no decoder_embed.weight / embed.weight)')
-        width, token_dim = sd['decoder_embed.weight' if released else 'embed.weight'].shape
-        layer = 'decoder_layers.{}.intermediate.dense.weight' if released else 'blocks.{}.fc1.weight'
-        depth = 0
-        while layer.format(depth) in sd:
-            depth += 1
-        out = sd['decoder_pred.weight' if released else 'pred.weight'].shape[0]
-        pos = sd.get('decoder_pos_embed' if released else 'pos_embed')
-        grid = math.isqrt(pos.shape[1] - 1) if pos is not None else 16
-        heads = heads or {1152: 16, 1024: 16, 768: 12}.get(width, max(1, width // 64))
-        model = cls(token_dim, width, depth, heads, sd[layer.format(0)].shape[0], grid, math.isqrt(out // 3))
-        if not released:
-            return copy_weights(model, sd, what)
-        m = {'embed.weight': sd['decoder_embed.weight'], 'embed.bias': sd['decoder_embed.bias'],
-             'cls_token': sd.get('trainable_cls_token', model.cls_token.detach()),  # absent in some released files
-             'pos_embed': pos if pos is not None else model.pos_embed,
-             'norm.weight': sd['decoder_norm.weight'], 'norm.bias': sd['decoder_norm.bias'],
-             'pred.weight': sd['decoder_pred.weight'], 'pred.bias': sd['decoder_pred.bias']}
-        for i in range(depth):
-            p, q = f'decoder_layers.{i}.', f'blocks.{i}.'
-            for s in ('weight', 'bias'):
-                m[q + f'attn.qkv.{s}'] = torch.cat([sd[p + f'attention.attention.{n}.{s}'] for n in ('query', 'key', 'value')])
-                for ours, theirs in [('attn.proj', 'attention.output.dense'), ('fc1', 'intermediate.dense'),
-                                     ('fc2', 'output.dense'), ('norm1', 'layernorm_before'), ('norm2', 'layernorm_after')]:
-                    m[q + f'{ours}.{s}'] = sd[p + f'{theirs}.{s}']
-        unused = [k for k in sd if not k.startswith(('decoder_', 'trainable_cls_token'))]
-        if unused or len(sd) - ('trainable_cls_token' in sd) - (pos is not None) != 6 + 16 * depth:
-            raise ValueError(f'{what}: unexpected keys in a released decoder file: {unused[:3]}')
-        return copy_weights(model, m, what)
+    def from_state_dict(cls, sd, path='decoder', **arch):
+        """A decoder of architecture `arch` (token_dim, width, depth, heads, mlp_hidden, grid, patch) holding sd,
+        in our layout or the released one (HF ViTMAE decoder names; some files lack the CLS token or the table)."""
+        model = cls(**arch)
+        if 'decoder_embed.weight' in sd:
+            return load_published(model, sd, 'decoder', path, optional=('cls_token', 'pos_embed'))
+        return copy_weights(model, sd, path)
 
 
 # -----------------------------------------------------------------------------------------------------------
 # The Representation Autoencoder
 
-# Released files in nyu-visionx/RAE-collections, by (encoder, image resolution)
+# Released files in nyu-visionx/RAE-collections, by (encoder, image resolution); all ViT-XL decoders, patch 16
 RELEASED_DECODERS = {('dinov2-b', 256): 'decoders/dinov2/wReg_base/ViTXL_n08/model.pt',
                      ('dinov2-b', 512): 'decoders/dinov2/wReg_base/ViTXL_n08_i512/model.pt',
                      ('siglip2-b', 256): 'decoders/siglip2/base_p16_i256/ViTXL_n08/model.pt',
@@ -561,6 +295,13 @@ RELEASED_STATS = {('dinov2-b', 256): 'stats/dinov2/wReg_base/imagenet1k/stat.pt'
                   ('dinov2-b', 512): 'stats/dinov2/wReg_base/imagenet1k_512/stat.pt',
                   ('siglip2-b', 256): 'stats/siglip2/base_p16_i256/ImageNet1k/stat.pt',
                   ('mae-b', 256): 'stats/mae/base_p16/ImageNet1k/stat.pt'}
+
+
+def decoder_arch(config):
+    """Decoder(**arch) of a decoder_train.py run config (the `config` stored in its checkpoints)."""
+    width = dict(ENCODERS[config['encoder']], **(config.get('encoder_overrides') or {}))['width']
+    return dict(token_dim=width, **(config.get('decoder_arch') or DECODERS[config['decoder_size']]),
+                grid=config['image_size'] // config['decoder_patch'], patch=config['decoder_patch'])
 
 
 def load_stats(path):
@@ -606,8 +347,8 @@ class RAE(nn.Module):
             raise RuntimeError('this RAE was built without an encoder (decode only)')
         z = self.encoder(images)  # (B, N, C), LayerNorm'd tokens
         if self.training and self.noise_tau > 0:
-            # Noise-augmented decoding (§4.3). The paper's text draws sigma from |N(0, tau^2)|; the released
-            # decoders were trained with sigma ~ tau * U(0, 1) per sample, which is what we do.
+            # Noise-augmented decoding (§4.3): sigma ~ tau * U(0, 1) per sample, as the released decoders were
+            # trained (the paper's text says |N(0, tau^2)|; README's table of differences).
             sigma = self.noise_tau * torch.rand((len(z), 1, 1), device=z.device, dtype=z.dtype)
             z = z + sigma * torch.randn_like(z)
         B, N, C = z.shape
@@ -625,9 +366,11 @@ class RAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, encoder='dinov2-b', resolution=256, decoder=None, stats=None, encoder_weights=None,
-                        load_encoder=True, noise_tau=0.0, encoder_overrides=None):
+                        load_encoder=True, noise_tau=0.0, encoder_overrides=None, arch=None):
         """The released RAE for (encoder, resolution); decoder/stats may be local paths instead of downloads.
 
+        A decoder file that stores its run config (decoder_train.py checkpoints) is built from it; other files are
+        released ViT-XL decoders at patch 16, unless arch (see Decoder.from_state_dict) says otherwise.
         load_encoder=False builds a decode-only RAE (sampling needs no encoder weights). stats=False: no latent
         normalisation (decoder training works on raw tokens). encoder_overrides: see Encoder.from_pretrained.
         """
@@ -642,10 +385,14 @@ class RAE(nn.Module):
         decoder = decoder or download(hf_url(HF_REPO, RELEASED_DECODERS[key]))
         if stats is not False:
             stats = stats or download(hf_url(HF_REPO, RELEASED_STATS[key]))
-        sd = model_state_dict(load_state_dict_file(decoder), str(decoder))  # a decoder_train.py checkpoint too
-        sd = {k.removeprefix('decoder.'): v for k, v in sd.items() if not k.startswith('encoder.')}
-        dec = Decoder.from_state_dict(sd, what=str(decoder))
-        cfg = ENCODERS[encoder]
+        ckpt = load_state_dict_file(decoder)
+        run = ckpt.get('config') if isinstance(ckpt, dict) else None
+        cfg = dict(ENCODERS[encoder], **(encoder_overrides or {}))
+        arch = arch or (decoder_arch(run) if isinstance(run, dict) else
+                        dict(DECODERS['XL'], token_dim=cfg['width'], grid=resolution // 16, patch=16))
+        sd = {k.removeprefix('decoder.'): v for k, v in model_state_dict(ckpt, decoder).items()
+              if not k.startswith('encoder.')}  # a decoder_train.py checkpoint holds the decoder alone
+        dec = Decoder.from_state_dict(sd, decoder, **arch)
         enc = None
         if load_encoder:
             enc = Encoder.from_pretrained(encoder, encoder_weights, **{'input_size': dec.grid * cfg['patch'],
@@ -791,6 +538,21 @@ def unpatchify(x, p, c):
     return x.reshape(B, c, h * p, h * p)
 
 
+def init_dit(model, embedders):
+    """The shared part of both DiTs' init: xavier patch embeddings, N(0, 0.02) label table and time MLP, and
+    adaLN-Zero (every block starts as the identity, the output as 0)."""
+    for emb in embedders:
+        nn.init.xavier_uniform_(emb.proj.weight.view(emb.proj.weight.shape[0], -1))
+        nn.init.zeros_(emb.proj.bias)
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for layer in [b.adaLN_modulation[-1] for b in model.blocks] + [model.final_layer.adaLN_modulation[-1],
+                                                                    model.final_layer.linear]:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
 class LightningDiT(nn.Module):
     """The paper's DiT (LightningDiT): c = t_emb + y_emb modulates every block; the baseline of §4."""
 
@@ -807,23 +569,11 @@ class LightningDiT(nn.Module):
         self.feat_rope = RoPE2D(hidden_size // num_heads, grid)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
-        self.initialize_weights()
-
-    def initialize_weights(self):
-        for m in self.modules():  # a global xavier pass (LightningDiT only; DiT^DH keeps PyTorch's default)
+        for m in self.modules():  # a global xavier pass first (LightningDiT only; DiT^DH keeps PyTorch's default)
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
-                                                                       self.final_layer.linear]:
-            nn.init.zeros_(layer.weight)  # adaLN-Zero: every block starts as the identity, the output as 0
-            nn.init.zeros_(layer.bias)
+        init_dit(self, [self.x_embedder])
 
     def forward(self, x, t, y):
         """x_t [B, C, H, W], t [B] in [0, 1] (1 = noise), y [B] class ids (num_classes = null) -> v [B, C, H, W]."""
@@ -856,20 +606,7 @@ class DiTDH(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(H1, n1, mlp_ratio) for _ in range(d1)] +
                                     [DiTBlock(H2, n2, mlp_ratio) for _ in range(d2)])
         self.final_layer = FinalLayer(H2, patch_size, in_channels)
-        self.initialize_weights()
-
-    def initialize_weights(self):
-        # No global xavier pass here (unlike LightningDiT): other Linear layers keep PyTorch's default init.
-        for emb in (self.x_embedder, self.s_embedder):
-            nn.init.xavier_uniform_(emb.proj.weight.view(emb.proj.weight.shape[0], -1))
-            nn.init.zeros_(emb.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
-                                                                       self.final_layer.linear]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        init_dit(self, [self.x_embedder, self.s_embedder])
 
     def forward(self, x, t, y):
         """x_t [B, C, H, W], t [B] in [0, 1] (1 = noise), y [B] class ids (num_classes = null) -> v [B, C, H, W]."""
@@ -892,21 +629,20 @@ DIT_SIZES = {'S': (384, 12, 6), 'B': (768, 12, 12), 'L': (1024, 24, 16), 'XL': (
 DDT_HEAD = (2048, 2, 16)
 
 
-def build_dit(name, **kwargs):
-    """'DiTDH-XL', 'LightningDiT-B', ...: a freshly initialised model of that preset (kwargs: input_size, ...)."""
+def build_dit(name, hidden_size=None, depth=None, num_heads=None, **kwargs):
+    """A fresh model: a preset ('DiTDH-XL', 'LightningDiT-B', ...) or a family ('DiTDH', 'LightningDiT') with
+    hidden_size / depth / num_heads (pairs for DiTDH). kwargs: input_size, in_channels, num_classes, ..."""
     family, _, size = name.partition('-')
-    if family not in ('DiTDH', 'LightningDiT') or size not in DIT_SIZES:
+    if family not in ('DiTDH', 'LightningDiT') or (size not in DIT_SIZES if size else hidden_size is None):
         raise ValueError(f'unknown model {name!r}; choose DiTDH-<size> or LightningDiT-<size> with size in '
-                         f'{"/".join(DIT_SIZES)}')
-    width, depth, heads = DIT_SIZES[size]
-    if family == 'LightningDiT':
-        return LightningDiT(hidden_size=width, depth=depth, num_heads=heads, **kwargs)
-    return DiTDH(hidden_size=(width, DDT_HEAD[0]), depth=(depth, DDT_HEAD[1]), num_heads=(heads, DDT_HEAD[2]),
-                 **kwargs)
+                         f'{"/".join(DIT_SIZES)}, or DiTDH / LightningDiT with hidden_size, depth and num_heads')
+    if size:
+        (hidden_size, depth, num_heads), head = DIT_SIZES[size], DDT_HEAD
+        if family == 'DiTDH':
+            hidden_size, depth, num_heads = (hidden_size, head[0]), (depth, head[1]), (num_heads, head[2])
+    cls = DiTDH if family == 'DiTDH' else LightningDiT
+    return cls(hidden_size=hidden_size, depth=depth, num_heads=num_heads, **kwargs)
 
-
-# -----------------------------------------------------------------------------------------------------------
-# Checkpoints: the released DiTs (nyu-visionx/RAE-collections) and our own
 
 RELEASED_DITS = {  # DiT^DH-XL on DINOv2-B latents, and the early DiT^DH-S used as its AutoGuidance guide (App. D)
     256: dict(model='DiTs/Dinov2/wReg_base/ImageNet256/DiTDH-XL/stage2_model.pt',
@@ -916,49 +652,32 @@ RELEASED_DITS = {  # DiT^DH-XL on DINOv2-B latents, and the early DiT^DH-S used 
 }
 
 
-def dit_config(sd, what='checkpoint'):
-    """(model class, constructor kwargs) read off the tensor shapes of a LightningDiT / DiT^DH state dict."""
-    need = ['x_embedder.proj.weight', 'pos_embed', 'y_embedder.embedding_table.weight', 'blocks.0.norm1.weight']
-    if any(k not in sd for k in need):
-        raise ValueError(f'{what}: not a LightningDiT / DiT^DH state dict (missing {[k for k in need if k not in sd]})')
-    width, in_channels, patch_size = sd['x_embedder.proj.weight'].shape[:3]
-    kw = dict(input_size=math.isqrt(sd['pos_embed'].shape[1]) * patch_size, patch_size=patch_size,
-              in_channels=in_channels, num_classes=sd['y_embedder.embedding_table.weight'].shape[0] - 1)
-    n_blocks = sum(1 for k in sd if k.startswith('blocks.') and k.endswith('.norm1.weight'))
-    ddt = 's_embedder.proj.weight' in sd
-    ropes = ['enc_feat_rope.freqs_cos', 'dec_feat_rope.freqs_cos'] if ddt else ['feat_rope.freqs_cos']
-    if any(k not in sd for k in ropes):  # the head count is read off the RoPE table width (= head_dim)
-        raise ValueError(f'{what}: no RoPE tables ({", ".join(k for k in ropes if k not in sd)}) in this state dict')
-    if not ddt:
-        head_dim = sd['feat_rope.freqs_cos'].shape[1]
-        return LightningDiT, dict(kw, hidden_size=width, depth=n_blocks, num_heads=width // head_dim)
-    H1, H2 = sd['s_embedder.proj.weight'].shape[0], width
-    if H1 == H2:
-        raise ValueError(f'{what}: backbone and head have the same width {H1}, so the depth split cannot be read off '
-                         'the shapes; build the model with build_dit/DiTDH and use load_dit_weights')
-    d1 = sum(1 for i in range(n_blocks) if sd[f'blocks.{i}.norm1.weight'].shape[0] == H1)
-    heads = (H1 // sd['enc_feat_rope.freqs_cos'].shape[1], H2 // sd['dec_feat_rope.freqs_cos'].shape[1])
-    return DiTDH, dict(kw, hidden_size=(H1, H2), depth=(d1, n_blocks - d1), num_heads=heads)
+def load_dit(path, name=None, **kwargs):
+    """A LightningDiT or DiT^DH with the weights of a file, in eval mode.
 
-
-def load_dit_weights(model, ckpt, what='checkpoint'):
-    """Load a state dict or checkpoint into model strictly; a mismatch names missing, unexpected, mis-shaped keys."""
-    return copy_weights(model, model_state_dict(ckpt, what), what)
-
-
-def load_dit(path, what=None):
-    """A LightningDiT or DiT^DH sized from the shapes in a checkpoint file, with its weights, in eval mode.
-
-    The frozen tables (pos_embed, t_embedder.W, RoPE) come from the file too: the released EMA weights carry slightly
-    nudged copies of them, and the outputs only match the authors' if those are used.
+    A diffusion_train.py checkpoint is built from the run config it stores (its EMA weights); any other file (the
+    released ones, a third party's) from `name` and kwargs as build_dit takes them. The latent geometry (channels,
+    grid) is read off the patch embedding and the position table. The frozen tables (pos_embed, t_embedder.W,
+    RoPE) come from the file too: the released EMA weights carry slightly nudged copies of them.
     """
-    what = what or str(path)
-    sd = model_state_dict(load_state_dict_file(path), what)
-    cls, kwargs = dit_config(sd, what)
+    ckpt = load_state_dict_file(path)
+    run = ckpt.get('config') if isinstance(ckpt, dict) else None
+    if isinstance(run, dict):
+        if 'model' not in run:
+            raise ValueError(f'{path}: not a DiT checkpoint (a decoder_train.py checkpoint?)')
+        name, kwargs = run['model'], dict(hidden_size=run.get('hidden_size'), depth=run.get('depth'),
+                                          num_heads=run.get('num_heads'), num_classes=run['num_classes'])
+    sd = model_state_dict(ckpt, path)
+    if 'x_embedder.proj.weight' not in sd or 'pos_embed' not in sd:
+        raise ValueError(f'{path}: not a LightningDiT / DiT^DH state dict (no x_embedder.proj.weight, pos_embed)')
+    if name is None:
+        raise ValueError(f'{path}: a bare state dict does not say which DiT it holds; name its preset, e.g. '
+                         f"load_dit(path, 'DiTDH-XL')")
+    patch, in_channels = sd['x_embedder.proj.weight'].shape[-1], sd['x_embedder.proj.weight'].shape[1]
     with torch.device('meta'):  # no time spent on a random init that is overwritten anyway
-        model = cls(**kwargs)
-    model = model.to_empty(device='cpu')
-    return copy_weights(model, sd, what).eval()
+        model = build_dit(name, input_size=math.isqrt(sd['pos_embed'].shape[1]) * patch, patch_size=patch,
+                          in_channels=in_channels, **kwargs)
+    return copy_weights(model.to_empty(device='cpu'), sd, path).eval()
 
 
 def released_dit(resolution=256, guide=False):
@@ -966,7 +685,7 @@ def released_dit(resolution=256, guide=False):
     if resolution not in RELEASED_DITS:
         raise ValueError(f'no released DiT^DH for {resolution} px (released: {", ".join(map(str, RELEASED_DITS))})')
     path = RELEASED_DITS[resolution]['guide' if guide else 'model']
-    return load_dit(download(hf_url(HF_REPO, path)), what=path)
+    return load_dit(download(hf_url(HF_REPO, path)), 'DiTDH-S' if guide else 'DiTDH-XL')
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -995,12 +714,29 @@ def sample_t(n, time_dist='logit-normal', t_max=0.999, generator=None):
     return torch.sigmoid(math.sqrt(2) * torch.erfinv(2 * (u * cdf_max) - 1))
 
 
+def step_draws(seed, step, rows, global_batch, latent_shape, time_dist, alpha, class_dropout, device):
+    """The training draws of `rows` of the global batch at optimizer step `step`: eps [B, C, h, w], shifted t [B]
+    and label drops [B] (the label becomes the null class: it trains the unconditional model for guidance).
+
+    (seed, step) hashes to global_batch + 1 seeds: t and the drops of the whole global batch come from the last,
+    eps of row r from seed r. Row r is the same sample on any number of ranks and micro-batches, so a run gives the
+    same numbers on 1 or 8 GPUs, with any grad_accum and after a resume. Own generators: the rank's streams stay.
+    """
+    seeds = np.random.SeedSequence([seed, step]).generate_state(global_batch + 1, np.uint64).tolist()
+    g = torch.Generator().manual_seed(seeds[-1])
+    t = time_shift(sample_t(global_batch, time_dist, generator=g), alpha)[rows]
+    drop = (torch.rand(global_batch, generator=g) < class_dropout)[rows]
+    g = torch.Generator(device)
+    eps = torch.stack([torch.randn(latent_shape, generator=g.manual_seed(seeds[r]), device=device)
+                       for r in rows.tolist()])
+    return eps, t.to(device), drop.to(device)
+
+
 def flow_loss(model, x, y, alpha, time_dist='logit-normal', eps=None, t=None):
     """Per-sample loss ||v_theta(x_t, t, y) - (eps - x)||^2 / dim at shifted random times t: [B].
 
-    The draws come in the authors' order (eps, then t, then the model's label dropout), so a seeded run matches theirs.
-    eps [B, C, h, w] and shifted t [B] may be given instead: diffusion_train.py draws them per row of the global
-    batch, so that a sample's noise does not depend on the rank or micro-batch it lands on.
+    Without eps and t, they are drawn here in the authors' order (eps, then t; the model drops labels itself), so
+    a seeded call matches their code; diffusion_train.py passes those of step_draws.
     """
     eps = torch.randn_like(x) if eps is None else eps
     t = time_shift(sample_t(len(x), time_dist), alpha).to(x.device) if t is None else t
@@ -1008,6 +744,9 @@ def flow_loss(model, x, y, alpha, time_dist='logit-normal', eps=None, t=None):
     x_t = (1 - tt) * x + tt * eps
     return ((model(x_t, t, y).float() - (eps - x)) ** 2).mean(dim=(1, 2, 3))  # fp32 loss under bf16 autocast
 
+
+# -----------------------------------------------------------------------------------------------------------
+# Samplers and guidance
 
 def sample_grid(num_steps=50, alpha=1.0):
     """The released grid: 1 - linspace(0, 0.999, num_steps), shifted; 1.0 down to 0.0069 at alpha = sqrt(48)."""
@@ -1042,9 +781,8 @@ def guided_velocity(model, y, cfg_scale=1.0, cfg_interval=(0.0, 1.0), guide=None
 
     CFG (null label):         v = v_u + w (v_c - v_u)
     AutoGuidance (App. D):    v = v_g + w (v_m - v_g), v_g from a weaker guide model given the same labels
-    The interval is tested per sample on the model's own (shifted) time, inclusive, as in the authors' DiT^DH. (Their
-    LightningDiT.forward_with_cfg inverts it - guidance OUTSIDE the listed intervals - and tests t[0] for the whole
-    batch; we apply the same per-sample rule to both models.) w = 1 means no guidance.
+    The interval is tested per sample on the model's own (shifted) time, inclusive, for both DiTs (README's table
+    of differences). w = 1 means no guidance.
     """
     if cfg_scale != 1 and guide is not None and guide_scale != 1:
         raise ValueError('use either CFG or AutoGuidance, not both')

@@ -5,7 +5,7 @@ an ImageNet-style image folder, EMA, checkpoints with exact resume, learning-rat
 Order of use in a training script (the comments say why the order matters):
 
     config = configure(_DEFAULTS, sys.argv[1:]); globals().update(config)  # defaults <- files <- --key=value
-    rank, local_rank, world_size, device, is_master = setup_ddp(device)
+    rank, local_rank, world_size, device, is_master = runtime.setup_ddp(device)
     torch.manual_seed(global_seed * world_size + rank)                      # one stream per rank (DiT)
     loader, sampler = make_loader(ImageFolder(data_dir, image_size, 'center', flip=True, seed=global_seed),
                                   global_batch // world_size, rank, world_size, global_seed, workers)
@@ -19,7 +19,6 @@ Order of use in a training script (the comments say why the order matters):
         batch = 0
 """
 import ast
-import contextlib
 import copy
 import math
 import multiprocessing
@@ -37,18 +36,15 @@ import torch.distributed as dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from rae import ENCODERS, IMAGE_EXTS, Encoder, center_crop_arr
+from files import IMAGE_EXTS, center_crop_arr
+from rae import ENCODERS, Encoder
+from runtime import print0
 
 # -----------------------------------------------------------------------------------------------------------
 # Config: nanoGPT's configurator, without its warts (rank-0 printing, int->float, None defaults, '=' in
 # values, misspelled names in config files, CWD-dependent exec of the configurator itself)
 
 CONFIG_TYPES = (bool, int, float, str, tuple, list, dict, type(None))
-
-
-def print0(*args, **kwargs):
-    if int(os.environ.get('RANK', 0)) == 0:
-        print(*args, **kwargs)
 
 
 def _checked(key, value, default, where):
@@ -98,52 +94,6 @@ def configure(defaults, argv):
                 print0(f'config: {key} = {value!r} ({arg})')
             config[key] = value
     return config
-
-
-# -----------------------------------------------------------------------------------------------------------
-# DDP: one process per GPU under torchrun (RANK in the environment), gloo on CPU; scripts seed each rank with
-# global_seed * world_size + rank and give each rank global_batch // world_size images
-
-def setup_ddp(device=None):
-    """-> (rank, local_rank, world_size, device, is_master). device None: CUDA when available; 'cpu' forces CPU."""
-    if device not in (None, 'cpu', 'cuda'):
-        raise SystemExit(f"device={device!r}: expected 'cuda' or 'cpu' (torchrun gives each rank cuda:LOCAL_RANK)")
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit("device='cuda' but torch sees no CUDA device (use --device=cpu)")
-    cuda = torch.cuda.is_available() and device != 'cpu'
-    if 'RANK' not in os.environ:
-        return 0, 0, 1, torch.device(device or ('cuda' if cuda else 'cpu')), True
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
-    device = torch.device(f'cuda:{local_rank}' if cuda else 'cpu')
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if cuda else 'gloo')
-    return rank, local_rank, world_size, device, rank == 0
-
-
-def cleanup_ddp():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def rank0_first():
-    """Rank 0 runs the block first (its downloads fill the shared cache), then the other ranks (cache hits): ranks
-    downloading at once would write the same .part files."""
-    if dist.is_initialized() and dist.get_rank() != 0:
-        dist.barrier()
-    yield
-    if dist.is_initialized() and dist.get_rank() == 0:
-        dist.barrier()
-
-
-@contextlib.contextmanager
-def one_line_errors():
-    """A missing or mismatched weight file, or a download without network, ends the script in one line."""
-    try:
-        yield
-    except (OSError, ValueError, RuntimeError) as e:
-        raise SystemExit(f'error: {e}') from None
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,290 @@
+"""
+Files in and out, shared by every script: downloads into the cache, weight files (safetensors, torch) and
+checkpoint dicts, images (the ADM centre crop, 8-bit quantisation, PNG grids) and .npz files of uint8 images.
+"""
+import hashlib
+import json
+import math
+import os
+import struct
+import time
+import zipfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import requests
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+# -----------------------------------------------------------------------------------------------------------
+# Downloads: one cache (RAE_CACHE, default ~/.cache/rae), a .part file renamed only when complete and verified
+
+
+def hf_url(repo_id, path, revision='main'):
+    """URL of a file on the Hugging Face hub; HF_ENDPOINT points it at a mirror (the hub convention)."""
+    endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
+    return f'{endpoint}/{repo_id}/resolve/{revision}/{path}'
+
+
+def cache_dir():
+    return Path(os.environ.get('RAE_CACHE', Path.home() / '.cache' / 'rae'))
+
+
+def download(url, sha256=None, size=None, filename=None, retries=5, md5=None):
+    """Fetch url into the cache once and return the local path.
+
+    The cache path is the URL's path without the host (so an HF_ENDPOINT mirror shares the cache). Data goes to
+    `<path>.part` and is renamed when complete and verified, so a crash never leaves a bad file under the final
+    name; an interrupted download resumes from the partial file with an HTTP Range request. sha256 / md5: the
+    published hex digest, or its first digits (torchvision names its files after 8 of them); checked once, on
+    download.
+    """
+    rel = filename or urlparse(url).path.lstrip('/')
+    if not rel or rel.endswith('/'):
+        rel = hashlib.sha256(url.encode()).hexdigest()[:16]
+    path = cache_dir() / rel
+    if path.exists() and (size is None or path.stat().st_size == size):
+        return str(path)  # cache hit: no request at all
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + '.part')
+    hint = f'no network? download {url} by hand and place it at {path} (or set RAE_CACHE)'
+    for attempt in range(retries):
+        have = part.stat().st_size if part.exists() else 0
+        headers = {'Range': f'bytes={have}-'} if have else {}
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=30) as r:
+                if r.status_code == 416:  # the partial file is already complete
+                    break
+                if r.status_code not in (200, 206):
+                    raise RuntimeError(f'download of {url} failed: HTTP {r.status_code}; {hint}')
+                if r.status_code == 200:
+                    have = 0  # the server ignored the Range header: start over
+                length = r.headers.get('Content-Length')
+                total = have + int(length) if length is not None else size
+                with open(part, 'ab' if have else 'wb') as f, \
+                        tqdm(total=total, initial=have, unit='B', unit_scale=True, desc=path.name) as bar:
+                    for chunk in r.iter_content(1 << 16):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            break
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            if attempt == retries - 1:
+                raise RuntimeError(f'download of {url} failed ({type(e).__name__}); {hint}') from None
+            time.sleep(min(2 ** attempt, 10) * 0.1)
+    got = part.stat().st_size
+    if size is not None and got != size:
+        part.unlink()
+        raise RuntimeError(f'download of {url}: expected {size} bytes, got {got}; the partial file was removed')
+    for algorithm, expected in (('sha256', sha256), ('md5', md5)):
+        if expected is None:
+            continue
+        h = hashlib.new(algorithm)
+        with open(part, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                h.update(block)
+        if not h.hexdigest().startswith(expected):
+            part.unlink()
+            raise RuntimeError(f'download of {url}: {algorithm} {h.hexdigest()} != expected {expected}; file removed')
+    os.replace(part, path)
+    return str(path)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Weight files and checkpoint dicts
+
+_ST_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+              'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8,
+              'BOOL': torch.bool}
+
+
+def load_safetensors(path):
+    """Read a .safetensors file: 8-byte little-endian header length, a JSON header, then raw tensor bytes."""
+    data = Path(path).read_bytes()
+    try:
+        (n,) = struct.unpack('<Q', data[:8])
+        header = json.loads(data[8:8 + n])
+    except (struct.error, ValueError, UnicodeDecodeError):
+        raise ValueError(f'{path}: not a safetensors file (bad header)') from None
+    header.pop('__metadata__', None)
+    out = {}
+    for name, info in header.items():
+        begin, end = info['data_offsets']
+        if 8 + n + end > len(data):
+            raise ValueError(f'{path}: truncated file ({len(data)} bytes, tensor {name!r} needs {8 + n + end})')
+        buf = data[8 + n + begin:8 + n + end]
+        t = torch.frombuffer(bytearray(buf), dtype=_ST_DTYPES[info['dtype']]) if buf else \
+            torch.empty(0, dtype=_ST_DTYPES[info['dtype']])
+        out[name] = t.reshape(info['shape'])
+    return out
+
+
+def load_state_dict_file(path):
+    """A state dict (or checkpoint dict) from .safetensors, a torch file or a save_pretrained folder."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ('model.safetensors', 'pytorch_model.bin') if (path / n).exists()]
+        if not found:
+            raise FileNotFoundError(f'{path}: no model.safetensors or pytorch_model.bin in this directory')
+        path = found[0]
+    if not path.exists():
+        raise FileNotFoundError(f'weights file not found: {path}')
+    if path.suffix == '.safetensors':
+        return load_safetensors(path)
+    try:
+        try:  # mmap: a training checkpoint's other entries (optimizer moments, ...) are never read into memory
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except RuntimeError:  # files in torch's legacy (pre-zip) format cannot be mapped
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f'{path}: cannot be read as a torch file ({type(e).__name__}: {str(e)[:120]}); '
+                         'truncated or not a checkpoint?') from None
+
+
+def model_state_dict(ckpt, path='checkpoint'):
+    """The model weights in a bare state dict or a training checkpoint ({'ema': ...} preferred, else {'model': ...}
+    or {'state_dict': ...}), without DDP / torch.compile name prefixes."""
+    if not isinstance(ckpt, dict):
+        raise ValueError(f'{path}: not a state dict or checkpoint dict (got {type(ckpt).__name__})')
+    for key in ('ema', 'model', 'state_dict'):
+        if isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            break
+    sd = {}
+    for k, v in ckpt.items():
+        while k.startswith(('module.', '_orig_mod.')):  # DDP and torch.compile wrappers
+            k = k.split('.', 1)[1]
+        sd[k] = v
+    return sd
+
+
+def copy_weights(model, sd, path, names=None):
+    """Copy {our name: tensor} into model: a count check, then a shape check per tensor (nanoGPT's from_pretrained).
+
+    names maps our names to the file's, so that an error names the key the user can find in the file at path.
+    """
+    names = names or {}
+    ours = model.state_dict()
+    missing = [names.get(k, k) for k in ours if k not in sd]
+    unexpected = [k for k in sd if k not in ours]
+    if missing or unexpected:
+        raise ValueError(f'{path}: weights do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}')
+    for k, v in sd.items():
+        if v.shape != ours[k].shape:
+            raise ValueError(f'{path}: weights for a different model: {names.get(k, k)} has shape '
+                             f'{tuple(v.shape)}, expected {tuple(ours[k].shape)}')
+    with torch.no_grad():
+        for k, v in sd.items():
+            ours[k].copy_(v)
+    return model
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Images
+
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')  # what image folders are read for
+
+
+def list_images(folder):
+    """Image files under folder (recursively), sorted; a folder without any is a one-line error."""
+    files = sorted(p for p in Path(folder).rglob('*') if p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise ValueError(f'{folder}: no image files ({", ".join(sorted(IMAGE_EXTS))}) found')
+    return files
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's centre crop: halve with BOX while the short side >= 2x, BICUBIC resize the short side, crop."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[top:top + image_size, left:left + image_size])
+
+
+def to_uint8(images):
+    """Images [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3] as a PNG holds them: rounded to nearest, floor(255 x + 0.5)
+    (as DiT and torchvision save them; see README on truncation)."""
+    return images.clamp(0, 1).mul(255).add(0.5).floor().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def save_grid(images, ncol, path, pad=2):
+    """uint8 [B, H, W, 3] -> one PNG, ncol images per row, pad px of black around each (torchvision's layout)."""
+    images = np.asarray(images.cpu() if torch.is_tensor(images) else images)
+    B, H, W, _ = images.shape
+    nrow = math.ceil(B / ncol)
+    grid = np.zeros((pad + nrow * (H + pad), pad + ncol * (W + pad), 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = img
+    Image.fromarray(grid).save(path)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# .npz files of uint8 images (N, H, W, 3) under arr_0, the ADM evaluator's format, streamed both ways
+
+def _read_npy_header(f, where):
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f'{where}: unsupported .npy format version {version}')
+
+
+class NpzImages:
+    """uint8 images (N, H, W, 3) stored under `arr_0` in an .npz, read in batches straight from the zip.
+
+    np.load would read the whole array (50k at 256 px is 9.8 GB); like ADM's evaluator we parse the .npy header
+    and read batch-sized slices of the member, compressed or not.
+    """
+
+    def __init__(self, path, key='arr_0'):
+        self.path, self.key = str(path), key
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f'{self.path}: no such file')
+        try:
+            with zipfile.ZipFile(self.path) as zf:
+                names = [n[:-4] for n in zf.namelist() if n.endswith('.npy')]
+                if key not in names:
+                    raise ValueError(f'{self.path}: no {key!r} array (it holds {names}); expected {key} = uint8 '
+                                     'images of shape (N, H, W, 3)')
+                with zf.open(key + '.npy') as f:
+                    shape, fortran, dtype = _read_npy_header(f, self.path)
+        except zipfile.BadZipFile:
+            raise ValueError(f'{self.path}: not an .npz file') from None
+        what = f'{self.path}: {key} has'
+        if dtype != np.uint8:
+            raise ValueError(f'{what} dtype {dtype}; expected uint8 images in 0..255 (quantise before saving)')
+        if len(shape) != 4 or shape[3] != 3:
+            hint = ' (looks like NCHW: transpose to NHWC)' if len(shape) == 4 and shape[1] == 3 else ''
+            raise ValueError(f'{what} shape {shape}; expected (N, H, W, 3){hint}')
+        if fortran:
+            raise ValueError(f'{what} Fortran order; save a C-contiguous array')
+        self.shape = shape
+
+    def __len__(self):
+        return self.shape[0]
+
+    def batches(self, batch_size):
+        n, h, w, c = self.shape
+        with zipfile.ZipFile(self.path) as zf, zf.open(self.key + '.npy') as f:
+            _read_npy_header(f, self.path)
+            for i in range(0, n, batch_size):
+                b = min(batch_size, n - i)
+                buf = f.read(b * h * w * c)
+                if len(buf) != b * h * w * c:
+                    raise ValueError(f'{self.path}: {self.key} is truncated (image {i + len(buf) // (h * w * c)} '
+                                     f'of {n} is incomplete)')
+                yield np.frombuffer(bytearray(buf), np.uint8).reshape(b, h, w, c)  # writable, for torch
+
+
+def write_images_npy(zf, shape, batches, name='arr_0'):
+    """Stream uint8 batches into member name.npy of an open ZipFile: shape (N, H, W, 3), one batch in memory."""
+    with zf.open(name + '.npy', 'w', force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, {'descr': '|u1', 'fortran_order': False, 'shape': tuple(shape)})
+        for b in batches:
+            f.write(np.ascontiguousarray(b, dtype=np.uint8).tobytes())

@@ -1,0 +1,76 @@
+"""
+How every script runs: one process per GPU under torchrun (gloo on CPU), rank 0 first where files are fetched,
+errors in one line, TF32 on or off.
+"""
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(*args, **kwargs)
+
+
+def setup_ddp(device=None):
+    """-> (rank, local_rank, world_size, device, is_master). device None: CUDA when available; 'cpu' forces CPU.
+    Under torchrun (RANK in the environment) each rank gets cuda:LOCAL_RANK and joins the process group."""
+    if device not in (None, 'cpu', 'cuda'):
+        raise SystemExit(f"device={device!r}: expected 'cuda' or 'cpu' (torchrun gives each rank cuda:LOCAL_RANK)")
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit("device='cuda' but torch sees no CUDA device (use --device=cpu)")
+    cuda = torch.cuda.is_available() and device != 'cpu'
+    if 'RANK' not in os.environ:
+        return 0, 0, 1, torch.device(device or ('cuda' if cuda else 'cpu')), True
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    device = torch.device(f'cuda:{local_rank}' if cuda else 'cpu')
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if cuda else 'gloo')
+    return rank, local_rank, world_size, device, rank == 0
+
+
+def cleanup_ddp():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block first (its downloads fill the shared cache), then the other ranks (cache hits): ranks
+    downloading at once would write the same .part files."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if dist.is_initialized() and dist.get_rank() == 0:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """A missing or mismatched file, a bad argument or a download without network ends the script in one line."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(f'error: {e}') from None
+
+
+def set_tf32(enabled):
+    """TF32 matmuls/convolutions on GPU on or off; returns the previous flags, which set_tf32 takes back to restore
+    them exactly. torch >= 2.9 has a new API and refuses a mix with the legacy flags."""
+    if hasattr(torch.backends.cuda.matmul, 'fp32_precision'):
+        flags, name, value = [torch.backends.cuda.matmul, torch.backends.cudnn.conv], 'fp32_precision', \
+            'tf32' if enabled else 'ieee'
+    else:
+        flags, name, value = [torch.backends.cuda.matmul, torch.backends.cudnn], 'allow_tf32', bool(enabled)
+    old = [getattr(f, name) for f in flags]
+    for f, v in zip(flags, enabled if isinstance(enabled, list) else [value] * len(flags)):
+        setattr(f, name, v)
+    return old

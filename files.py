@@ -180,6 +180,36 @@ def copy_weights(model, sd, path, names=None):
     return model
 
 
+def load_published(model, sd, layout, path, optional=()):
+    """Copy a state dict in a published layout into a ViT-like model (a .blocks list), tensor by tensor.
+
+    layout = (prefix of the tower in the file, {our module: theirs} outside the blocks, prefix of block {i},
+    {our module: theirs} inside a block), e.g. rae.PUBLISHED['dinov2']; a tuple of names is concatenated along
+    dim 0. Every tensor takes the .weight / .bias of its module. Names in `optional` that the file lacks keep
+    the model's own values; tensors of the file that the table does not name are not read.
+    """
+    prefix, outer, block, inner = layout
+    if any(k.startswith(prefix) for k in sd):  # the tower inside a larger model's file
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if any(k.startswith(block.format(i=len(model.blocks))) for k in sd):
+        raise ValueError(f'{path}: weights for a different model: more than {len(model.blocks)} blocks')
+    ours, mapped, names = model.state_dict(), {}, {}
+    for key in ours:
+        i, module = (key.split('.')[1], key.split('.', 2)[2]) if key.startswith('blocks.') else (None, key)
+        module, param = module.rsplit('.', 1) if module.endswith(('.weight', '.bias')) else (module, None)
+        theirs = (inner if i else outer)[module]
+        theirs = [(block.format(i=i) if i else '') + t + (f'.{param}' if param else '')
+                  for t in (theirs if isinstance(theirs, tuple) else (theirs,))]
+        if any(t not in sd for t in theirs):
+            if key in optional:
+                continue
+            raise ValueError(f'{path}: weights for a different model: {prefix}{theirs[0]} is missing')
+        mapped[key], names[key] = torch.cat([sd[t] for t in theirs]), prefix + theirs[0]
+    if mapped.get('pos_embed', ours['pos_embed']).ndim == 2:  # SigLIP2 stores an nn.Embedding table [N, C]
+        mapped['pos_embed'] = mapped['pos_embed'][None]
+    return copy_weights(model, {k: mapped.get(k, v) for k, v in ours.items()}, path, names)
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Images
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from files import copy_weights, download, hf_url, load_state_dict_file, model_state_dict
+from files import copy_weights, download, hf_url, load_published, load_state_dict_file, model_state_dict
 
 HF_REPO = 'nyu-visionx/RAE-collections'  # the authors' released decoders, statistics and DiTs
 
@@ -116,33 +116,6 @@ PUBLISHED = {
 }
 
 
-def load_published(model, sd, layout, path, optional=()):
-    """Copy a state dict in a published layout into model, tensor by tensor through the table PUBLISHED[layout].
-
-    Names in `optional` that the file lacks keep the model's own values.
-    """
-    prefix, outer, block, inner = PUBLISHED[layout]
-    if any(k.startswith(prefix) for k in sd):  # the tower inside a larger model's file
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    if any(k.startswith(block.format(i=len(model.blocks))) for k in sd):
-        raise ValueError(f'{path}: weights for a different model: more than {len(model.blocks)} blocks')
-    ours, mapped, names = model.state_dict(), {}, {}
-    for key in ours:
-        i, module = (key.split('.')[1], key.split('.', 2)[2]) if key.startswith('blocks.') else (None, key)
-        module, param = module.rsplit('.', 1) if module.endswith(('.weight', '.bias')) else (module, None)
-        theirs = (inner if i else outer)[module]
-        theirs = [(block.format(i=i) if i else '') + t + (f'.{param}' if param else '')
-                  for t in (theirs if isinstance(theirs, tuple) else (theirs,))]
-        if any(t not in sd for t in theirs):
-            if key in optional:
-                continue
-            raise ValueError(f'{path}: weights for a different model: {prefix}{theirs[0]} is missing')
-        mapped[key], names[key] = torch.cat([sd[t] for t in theirs]), prefix + theirs[0]
-    if mapped.get('pos_embed', ours['pos_embed']).ndim == 2:  # SigLIP2 stores an nn.Embedding table [N, C]
-        mapped['pos_embed'] = mapped['pos_embed'][None]
-    return copy_weights(model, {k: mapped.get(k, v) for k, v in ours.items()}, path, names)
-
-
 class Encoder(nn.Module):
     """A frozen ViT representation encoder: images in [0,1] -> normalised patch tokens [B, N, C]."""
 
@@ -220,7 +193,7 @@ class Encoder(nn.Module):
         if weights is None:
             weights = download(hf_url(*cfg.get('file', (cfg['repo'], 'model.safetensors'))))
         model = cls(**cfg)
-        load_published(model, load_state_dict_file(weights), model.layout, weights)
+        load_published(model, load_state_dict_file(weights), PUBLISHED[model.layout], weights)
         return model.eval().requires_grad_(False)
 
 
@@ -279,7 +252,7 @@ class Decoder(nn.Module):
         in our layout or the released one (HF ViTMAE decoder names; some files lack the CLS token or the table)."""
         model = cls(**arch)
         if 'decoder_embed.weight' in sd:
-            return load_published(model, sd, 'decoder', path, optional=('cls_token', 'pos_embed'))
+            return load_published(model, sd, PUBLISHED['decoder'], path, optional=('cls_token', 'pos_embed'))
         return copy_weights(model, sd, path)
 
 

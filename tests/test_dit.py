@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import files
 import rae
 
 TINY_DDT = dict(input_size=4, patch_size=1, in_channels=16, hidden_size=(32, 64), depth=(2, 1), num_heads=(2, 4),
@@ -200,16 +201,27 @@ def test_unconditional_path_is_the_null_label():
 # -----------------------------------------------------------------------------------------------------------
 # Checkpoints
 
+def sizes(kw):
+    """build_dit's size keywords of a constructor dict: the latent geometry is read off the file."""
+    return {k: v for k, v in kw.items() if k not in ('input_size', 'patch_size', 'in_channels')}
+
+
 @pytest.mark.parametrize('cls, kw', [(rae.DiTDH, TINY_DDT), (rae.LightningDiT, TINY_LDIT)])
-@pytest.mark.parametrize('wrap', ['bare', 'ema', 'model'])
+@pytest.mark.parametrize('wrap', ['bare', 'ema', 'model', 'run'])
 def test_save_load_round_trip(tmp_path, cls, kw, wrap):
     torch.manual_seed(0)
     model = randomize(cls(**kw)).eval()
     sd = model.state_dict()
+    name = cls.__name__
+    run = dict(model=name, hidden_size=kw['hidden_size'], depth=kw['depth'], num_heads=kw['num_heads'],
+               num_classes=10, global_batch=8)  # what a diffusion_train.py checkpoint stores
     ckpt = {'bare': sd, 'ema': {'ema': {'module.' + k: v for k, v in sd.items()}, 'step': 3},
-            'model': {'model': {'_orig_mod.' + k: v for k, v in sd.items()}}}[wrap]
+            'model': {'model': {'_orig_mod.' + k: v for k, v in sd.items()}},
+            'run': {'ema': sd, 'model': {}, 'config': run}}[wrap]
     torch.save(ckpt, tmp_path / 'ckpt.pt')
-    loaded = rae.load_dit(tmp_path / 'ckpt.pt')
+    # our checkpoints are built from their config; any other file from the name it is given
+    loaded = rae.load_dit(tmp_path / 'ckpt.pt') if wrap == 'run' else \
+        rae.load_dit(tmp_path / 'ckpt.pt', name, **sizes(kw))
     assert type(loaded) is cls and not loaded.training
     assert (loaded.input_size, loaded.in_channels, loaded.num_classes) == (4, 16, 10)
     if cls is rae.DiTDH:
@@ -225,19 +237,24 @@ def test_checkpoint_errors_name_the_keys(tmp_path):
     sd = rae.DiTDH(**TINY_DDT).state_dict()
     model = rae.DiTDH(**TINY_DDT)
     with pytest.raises(ValueError, match='missing.*blocks.2.mlp.w3.bias'):
-        rae.load_dit_weights(model, {k: v for k, v in sd.items() if k != 'blocks.2.mlp.w3.bias'})
+        files.copy_weights(model, {k: v for k, v in sd.items() if k != 'blocks.2.mlp.w3.bias'}, 'sd')
     with pytest.raises(ValueError, match='unexpected.*extra.weight'):
-        rae.load_dit_weights(model, dict(sd, **{'extra.weight': torch.zeros(1)}))
+        files.copy_weights(model, dict(sd, **{'extra.weight': torch.zeros(1)}), 'sd')
     bigger = rae.DiTDH(**dict(TINY_DDT, hidden_size=(48, 64), num_heads=(3, 4)))
     with pytest.raises(ValueError, match=r'different model.*shape') as e:
-        rae.load_dit_weights(bigger, sd)
+        files.copy_weights(bigger, sd, 'sd')
     assert '\n' not in str(e.value)
     torch.save({'optimizer': {}}, tmp_path / 'opt.pt')
     with pytest.raises(ValueError, match='not a LightningDiT / DiT\\^DH state dict'):
-        rae.load_dit(tmp_path / 'opt.pt')
-    torch.save(rae.DiTDH(**dict(TINY_DDT, hidden_size=(64, 64))).state_dict(), tmp_path / 'same.pt')
-    with pytest.raises(ValueError, match='same width'):
-        rae.load_dit(tmp_path / 'same.pt')
+        rae.load_dit(tmp_path / 'opt.pt', 'DiTDH-S')
+    torch.save(sd, tmp_path / 'bare.pt')
+    with pytest.raises(ValueError, match='name its preset'):
+        rae.load_dit(tmp_path / 'bare.pt')
+    torch.save({'ema': {}, 'config': {'encoder': 'dinov2-b', 'decoder_size': 'XL'}}, tmp_path / 'decoder.pt')
+    with pytest.raises(ValueError, match='not a DiT checkpoint'):
+        rae.load_dit(tmp_path / 'decoder.pt')
+    with pytest.raises(ValueError, match='do not fit this model'):
+        rae.load_dit(tmp_path / 'bare.pt', 'DiTDH-S')  # a preset of other sizes: the weights say so
     with pytest.raises(ValueError, match='no released DiT'):
         rae.released_dit(384)
     with pytest.raises(ValueError, match='unknown model'):
@@ -250,7 +267,7 @@ def test_checkpoint_errors_name_the_keys(tmp_path):
 def load_golden(golden_dir, name, cls):
     g = torch.load(golden_dir / name)
     model = cls(**official_kwargs(g['constructor']))
-    rae.load_dit_weights(model, g['state_dict'], name)
+    files.copy_weights(model, g['state_dict'], name)
     return g, model.eval()
 
 
@@ -274,13 +291,13 @@ def test_golden_forward_and_intermediates(golden_dir, name, cls):
         torch.testing.assert_close(seen[k], ref, atol=1e-5, rtol=1e-5, msg=k)
 
 
-def test_golden_checkpoint_layout_is_inferred_from_shapes(golden_dir, tmp_path):
+def test_golden_checkpoint_loads_by_name(golden_dir, tmp_path):
     for name, cls in [('ddt_tiny.pt', rae.DiTDH), ('lightningdit_tiny.pt', rae.LightningDiT)]:
         g = torch.load(golden_dir / name)
         torch.save({'ema': g['state_dict']}, tmp_path / name)
-        model = rae.load_dit(tmp_path / name)
+        c = official_kwargs(g['constructor'])
+        model = rae.load_dit(tmp_path / name, cls.__name__, **sizes(c))
         assert type(model) is cls
-        c = g['constructor']
         got = (model.input_size, model.in_channels, model.num_classes)
         assert got == (c['input_size'], c['in_channels'], c['num_classes'])
         with torch.no_grad():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
+import files
 import rae
 from test_dit import TINY_DDT, official_kwargs, randomize, tiny_inputs
 
@@ -200,7 +201,7 @@ def transport(golden_dir):
     models = {}
     for role in ('model', 'guide'):
         models[role] = rae.DiTDH(**official_kwargs(g['constructor'][role]))
-        rae.load_dit_weights(models[role], g['state_dict'][role], role)
+        files.copy_weights(models[role], g['state_dict'][role], role)
         models[role].eval()
     return g, models
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import files
 import rae
 
 GOLDEN = Path(__file__).resolve().parents[2] / 'shared' / 'reference' / 'golden'
@@ -153,28 +154,35 @@ def test_safetensors_reader_matches_the_package(tmp_path):
     tensors = {'f32': torch.randn(3, 4), 'bf16': torch.randn(5).bfloat16(), 'f16': torch.randn(2, 2).half(),
                'i64': torch.arange(7), 'u8': torch.randint(0, 255, (4,), dtype=torch.uint8), 'empty': torch.zeros(0, 3)}
     st.save_file(tensors, tmp_path / 'w.safetensors', metadata={'format': 'pt'})
-    ours = rae.load_safetensors(tmp_path / 'w.safetensors')
+    ours = files.load_safetensors(tmp_path / 'w.safetensors')
     assert ours.keys() == tensors.keys()
     for k, v in tensors.items():
         assert ours[k].dtype == v.dtype and torch.equal(ours[k], v)
     data = (tmp_path / 'w.safetensors').read_bytes()
     (tmp_path / 'cut.safetensors').write_bytes(data[:-10])
     with pytest.raises(ValueError, match='truncated'):
-        rae.load_state_dict_file(tmp_path / 'cut.safetensors')
+        files.load_state_dict_file(tmp_path / 'cut.safetensors')
     torch.save(tensors, tmp_path / 'w.pt')
     (tmp_path / 'cut.pt').write_bytes((tmp_path / 'w.pt').read_bytes()[:100])
     with pytest.raises(ValueError, match='truncated'):
-        rae.load_state_dict_file(tmp_path / 'cut.pt')
+        files.load_state_dict_file(tmp_path / 'cut.pt')
     with pytest.raises(FileNotFoundError, match='missing.pt'):
-        rae.load_state_dict_file(tmp_path / 'missing.pt')
+        files.load_state_dict_file(tmp_path / 'missing.pt')
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Decoder and RAE against the authors' code (golden vectors)
 
+def golden_arch(c):
+    """Decoder(**arch) of the authors' decoder config (HF ViTMAE names)."""
+    return dict(token_dim=c['hidden_size'], width=c['decoder_hidden_size'], depth=c['decoder_num_hidden_layers'],
+                heads=c['decoder_num_attention_heads'], mlp_hidden=c['decoder_intermediate_size'],
+                grid=int(c['num_patches'] ** 0.5), patch=c['patch_size'])
+
+
 def test_decoder_matches_reference():
     g = golden('decoder_tiny.pt')
-    dec = rae.Decoder.from_state_dict(g['state_dict'], heads=g['constructor']['decoder_num_attention_heads']).eval()
+    dec = rae.Decoder.from_state_dict(g['state_dict'], 'golden', **golden_arch(g['constructor'])).eval()
     i, o = g['inputs'], g['outputs']
     with torch.no_grad():
         torch.testing.assert_close(dec(i['tokens']), o['pixels_encoder_normalized'], rtol=1e-5, atol=1e-5)
@@ -195,9 +203,9 @@ def tiny_rae_from_golden(g):
                heads=hf['num_attention_heads'], patch=hf['patch_size'], pos_grid=hf['image_size'] // hf['patch_size'],
                input_size=g['constructor']['rae']['encoder_input_size'])
     enc = rae.Encoder(**cfg)
-    enc.load_published(g['state_dict']['encoder_hf_hub_names'])
+    rae.load_published(enc, g['state_dict']['encoder_hf_hub_names'], rae.PUBLISHED['dinov2'], 'golden')
     sd = {k.removeprefix('decoder.'): v for k, v in g['state_dict']['rae'].items() if k.startswith('decoder.')}
-    dec = rae.Decoder.from_state_dict(sd, heads=g['constructor']['decoder_config']['decoder_num_attention_heads'])
+    dec = rae.Decoder.from_state_dict(sd, 'golden', **golden_arch(g['constructor']['decoder_config']))
     i = g['inputs']
     return rae.RAE(enc.eval(), dec, i['stat_mean'], i['stat_var'], noise_tau=g['constructor']['rae']['noise_tau'])
 
@@ -214,11 +222,10 @@ def test_rae_matches_reference():
         model.train()  # noise augmentation: same draws in the same order (sigma first, then eps)
         torch.manual_seed(int(i['noise_seed']))
         torch.testing.assert_close(model.encode(i['images']), o['latent_train_mode_noisy'], rtol=1e-5, atol=1e-5)
-    # the transformers-5 in-memory names load to the same weights as the hub names
+    # one spelling per key: the transformers-5 in-memory names are refused, naming the published key
     enc5 = rae.Encoder(width=16, depth=2, heads=2, patch=4, pos_grid=6, input_size=16, registers=4, layerscale=True)
-    enc5.load_published(g['state_dict']['encoder_hf_transformers5'])
-    for a, b in zip(enc5.state_dict().values(), model.encoder.state_dict().values()):
-        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match='encoder.layer.0.attention.attention.query.weight is missing'):
+        rae.load_published(enc5, g['state_dict']['encoder_hf_transformers5'], rae.PUBLISHED['dinov2'], 'golden')
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -250,7 +257,8 @@ def test_decoder_released_layout_and_upsampling(patch, size):
         torch.nn.init.normal_(p, std=0.05)
     sd = released_layout(dec)
     assert len(sd) == 8 + 16 * 2
-    loaded = rae.Decoder.from_state_dict(sd).eval()  # heads = width // 64 = 1
+    arch = dict(token_dim=24, width=64, depth=2, heads=1, mlp_hidden=96, grid=16, patch=patch)
+    loaded = rae.Decoder.from_state_dict(sd, 'released.pt', **arch).eval()
     tokens = torch.randn(2, 256, 24)
     with torch.no_grad():
         img = loaded(tokens)
@@ -268,7 +276,7 @@ def test_decoder_released_layout_and_upsampling(patch, size):
     bad = dict(sd)
     bad['decoder_pred.bias'] = torch.zeros(7)
     with pytest.raises(ValueError, match='decoder_pred.bias|pred.bias'):
-        rae.Decoder.from_state_dict(bad)
+        rae.Decoder.from_state_dict(bad, 'bad.pt', **arch)
 
 
 def test_sincos_matches_formula():

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import rae
+from files import save_grid, to_uint8, write_images_npy
+from runtime import barrier, cleanup_ddp, one_line_errors, rank0_first, set_tf32, setup_ddp
 
 DIT_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes, when none are given
 
@@ -53,6 +54,8 @@ def parse_args(argv):
     p.add_argument('--resolution', type=int, default=256, help='256 | 512')
     p.add_argument('--ckpt', default=None, help='DiT checkpoint of our own training (default: the released DiT^DH-XL); '
                    "a diffusion_train.py checkpoint brings its run's encoder, decoder, statistics and shift")
+    p.add_argument('--model', default=None, help='the preset of a bare --ckpt / --guide state dict (e.g. DiTDH-XL); '
+                   'diffusion_train.py checkpoints name their own')
     p.add_argument('--decoder', default=None, help='local RAE decoder file (default: the released or the run\'s one)')
     p.add_argument('--stats', default=None, help='local latent statistics stat.pt (default: the released or the run\'s)')
     p.add_argument('--num-samples', type=int, default=None, help='write an ADM npz of this many samples')
@@ -61,7 +64,14 @@ def parse_args(argv):
     p.add_argument('--device', default=None, help='default: cuda if available, else cpu')
     p.add_argument('--precision', default='fp32', help='fp32 | bf16 (autocast; the authors recommend fp32)')
     p.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=True, help='TF32 matmuls on GPU')
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.out = a.out or ('samples.npz' if a.num_samples else 'samples.png')
+    if a.autoguidance not in (None, 'released'):
+        try:
+            a.autoguidance = float(a.autoguidance)
+        except ValueError:
+            raise ValueError(f'--autoguidance expects a scale w, e.g. 1.42 (got {a.autoguidance!r})') from None
+    return a
 
 
 def check_args(a):
@@ -73,11 +83,6 @@ def check_args(a):
         raise ValueError(f'--sampler must be euler or heun, --precision fp32 or bf16 (got {a.sampler}, {a.precision})')
     if a.steps < 2 or a.n < 1 or a.batch_size < 1:
         raise ValueError('--steps must be >= 2, --n and --batch-size >= 1')
-    if a.autoguidance not in (None, 'released'):
-        try:
-            a.autoguidance = float(a.autoguidance)
-        except ValueError:
-            raise ValueError(f'--autoguidance expects a scale w, e.g. 1.42 (got {a.autoguidance!r})') from None
     if a.guide and a.autoguidance is None:
         raise ValueError('--guide is the AutoGuidance guide: add --autoguidance (the released scale) or --autoguidance W')
     if a.cfg != 1 and a.autoguidance is not None:
@@ -91,7 +96,9 @@ def check_args(a):
         raise ValueError(f'--class {bad[0]} is outside [0, 999]')
     if a.num_samples is not None and a.classes:
         raise ValueError('--class does not go with --num-samples: the FID set is balanced over all classes')
-    a.out = a.out or ('samples.npz' if a.num_samples else 'samples.png')
+    for flag, path in [('--ckpt', a.ckpt), ('--guide', a.guide), ('--decoder', a.decoder), ('--stats', a.stats)]:
+        if path and not os.path.exists(path):  # before any download
+            raise ValueError(f'{flag} {path}: file not found')
     if (a.num_samples is not None) != a.out.endswith('.npz'):
         raise ValueError('an .npz --out goes with --num-samples N, a grid is written as .png')
     parent = Path(a.out).resolve().parent
@@ -108,21 +115,20 @@ def run_config(path):
 
 
 def load_models(a, device):
-    """The RAE decoder, the DiT and (AutoGuidance) the guide, checked to agree on the latent shape. Sets a.alpha,
-    the time shift: the run's `shift` when its config set one, else the dimension rule of rae.shift_alpha."""
+    """(RAE decoder, DiT, AutoGuidance guide or None, time shift alpha, guide scale), checked to agree on the latent
+    shape. alpha is the run's `shift` when its config set one, else the dimension rule of rae.shift_alpha."""
     run = run_config(a.ckpt) if a.ckpt else {}
     stats = a.stats or run.get('stats')  # None: released; False: the run trained on raw tokens
     autoencoder = rae.RAE.from_pretrained(run.get('encoder', 'dinov2-b'), run.get('image_size', a.resolution),
-                                          a.decoder or run.get('decoder'), stats, load_encoder=False)
-    model = rae.load_dit(a.ckpt) if a.ckpt else rae.released_dit(a.resolution)
-    guide = None
+                                          a.decoder or run.get('decoder'), stats, load_encoder=False,
+                                          encoder_overrides=run.get('encoder_overrides'))
+    model = rae.load_dit(a.ckpt, a.model) if a.ckpt else rae.released_dit(a.resolution)
+    guide, scale = None, a.autoguidance or 1.0
     if a.autoguidance is not None:
-        guide = rae.load_dit(a.guide) if a.guide else rae.released_dit(a.resolution, guide=True)
-        if a.autoguidance == 'released':
-            a.autoguidance = rae.RELEASED_DITS[a.resolution]['autoguidance']
+        guide = rae.load_dit(a.guide, a.model) if a.guide else rae.released_dit(a.resolution, guide=True)
+        scale = rae.RELEASED_DITS[a.resolution]['autoguidance'] if a.autoguidance == 'released' else a.autoguidance
     dec = autoencoder.decoder
     want = (dec.embed.in_features, dec.grid, dec.grid)  # the latent [C, h, w] the decoder reads
-    a.alpha = run.get('shift') or rae.shift_alpha(want)
     for name, m in [('--ckpt' if a.ckpt else 'DiT', model), ('--guide' if a.guide else 'guide', guide)]:
         if m is None:
             continue
@@ -132,7 +138,8 @@ def load_models(a, device):
                              f'a checkpoint of another encoder or resolution (--decoder, --resolution)')
         if m.num_classes != model.num_classes:
             raise ValueError(f'{name} has {m.num_classes} classes, the DiT {model.num_classes}')
-    return autoencoder.to(device).eval(), model.to(device), guide.to(device) if guide is not None else None
+    guide = guide.to(device) if guide is not None else None
+    return autoencoder.to(device).eval(), model.to(device), guide, run.get('shift') or rae.shift_alpha(want), scale
 
 
 def noise(indices, shape, seed):
@@ -142,15 +149,15 @@ def noise(indices, shape, seed):
 
 
 @torch.no_grad()
-def generate(a, autoencoder, model, guide, z, y, progress=False):
-    """Noise [B, C, h, w] and labels [B] -> uint8 images [B, H, W, 3] (numpy)."""
+def sample_batch(a, models, z, y, progress=False):
+    """Noise [B, C, h, w] and labels [B] -> uint8 images [B, H, W, 3] (numpy); models as load_models gives them."""
+    autoencoder, model, guide, alpha, scale = models
     device = next(model.parameters()).device
     velocity = rae.guided_velocity(model, y.to(device), cfg_scale=a.cfg, cfg_interval=tuple(a.cfg_interval),
-                                   guide=guide, guide_scale=1.0 if a.autoguidance is None else a.autoguidance)
+                                   guide=guide, guide_scale=scale)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == 'bf16'):
-        x = rae.sample_ode(velocity, z.to(device), a.steps, a.alpha, method=a.sampler,
-                           progress=progress)
-    return rae.to_uint8(autoencoder.decode(x.float())).cpu().numpy()  # the decoder in fp32
+        x = rae.sample_ode(velocity, z.to(device), a.steps, alpha, method=a.sampler, progress=progress)
+    return to_uint8(autoencoder.decode(x.float())).cpu().numpy()  # the decoder in fp32
 
 
 def balanced_labels(n, num_classes, seed):
@@ -162,15 +169,15 @@ def balanced_labels(n, num_classes, seed):
     return labels[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
 
 
-def write_npz(a, autoencoder, model, guide, rank, world):
+def write_npz(a, models, rank, world):
     """Sample a.num_samples images in batches (batch b on rank b % world), then pack arr_0/arr_1 on rank 0."""
-    N, bs = a.num_samples, a.batch_size
+    N, bs, model = a.num_samples, a.batch_size, models[1]
     shape = (model.in_channels, model.input_size, model.input_size)
     labels = torch.full((N,), model.num_classes) if a.unconditional else balanced_labels(N, model.num_classes, a.seed)
     parts = Path(a.out + '.parts')
-    run = {k: getattr(a, k) for k in ('ckpt', 'guide', 'decoder', 'stats', 'resolution', 'steps', 'sampler', 'cfg', 'cfg_interval',
-                                      'autoguidance', 'unconditional', 'seed', 'num_samples', 'batch_size',
-                                      'precision', 'tf32')}
+    run = {k: getattr(a, k) for k in ('ckpt', 'guide', 'model', 'decoder', 'stats', 'resolution', 'steps', 'sampler',
+                                      'cfg', 'cfg_interval', 'autoguidance', 'unconditional', 'seed', 'num_samples',
+                                      'batch_size', 'precision', 'tf32')}
     run['cfg_interval'] = list(run['cfg_interval'])
     if rank == 0:
         parts.mkdir(exist_ok=True)
@@ -178,7 +185,7 @@ def write_npz(a, autoencoder, model, guide, rank, world):
             (parts / 'run.json').write_text(json.dumps(run))
     barrier()
     old = json.loads((parts / 'run.json').read_text())  # every rank checks, so that all stop together
-    diff = [f'{k} {old.get(k)!r} -> {v!r}' for k, v in run.items() if old.get(k) != v]
+    diff = [f'{k} {old.get(k)!r} -> {v!r}' for k, v in run.items() if k in old and old[k] != v]
     if diff:
         raise ValueError(f'{parts} holds batches of a different run ({", ".join(diff)}); delete it or '
                          'choose another --out')
@@ -189,56 +196,35 @@ def write_npz(a, autoencoder, model, guide, rank, world):
     todo = [b for b in range(rank, n_batches, world) if b not in done]
     for b in tqdm(todo, desc=f'sampling {N} images', disable=rank != 0):
         idx = range(b * bs, min(N, (b + 1) * bs))
-        images = generate(a, autoencoder, model, guide, noise(idx, shape, a.seed), labels[idx.start:idx.stop])
+        images = sample_batch(a, models, noise(idx, shape, a.seed), labels[idx.start:idx.stop])
         with open(parts / f'{b:06d}.npy.tmp', 'wb') as f:
             np.save(f, images)
         os.replace(parts / f'{b:06d}.npy.tmp', parts / f'{b:06d}.npy')  # a killed run never leaves half a batch
     barrier()
-    if rank == 0:
-        shape = pack_npz(a.out, [parts / f'{b:06d}.npy' for b in range(n_batches)], labels.numpy())
+    if rank == 0:  # np.savez's layout (arr_0, arr_1 in a zip), streamed part by part
+        files = [parts / f'{b:06d}.npy' for b in range(n_batches)]
+        shape = (N, *np.load(files[0], mmap_mode='r').shape[1:])
+        with zipfile.ZipFile(a.out + '.tmp', 'w', zipfile.ZIP_STORED, allowZip64=True) as zf:
+            write_images_npy(zf, shape, (np.load(p) for p in tqdm(files, desc=f'packing {a.out}', leave=False)))
+            with zf.open('arr_1.npy', 'w') as f:
+                np.lib.format.write_array(f, labels.numpy().astype(np.int64))
+        os.replace(a.out + '.tmp', a.out)
         shutil.rmtree(parts)
         print(f'wrote {a.out}: arr_0 = uint8 images {list(shape)}, arr_1 = labels')
 
 
-def pack_npz(path, part_files, labels):
-    """np.savez's layout (arr_0, arr_1 in a zip), streamed part by part: 50k images never sit in memory at once."""
-    first = np.load(part_files[0], mmap_mode='r')
-    shape = (len(labels), *first.shape[1:])
-    with zipfile.ZipFile(path + '.tmp', 'w', zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open('arr_0.npy', 'w', force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, {'descr': '|u1', 'fortran_order': False, 'shape': shape})
-            for p in tqdm(part_files, desc=f'packing {path}', leave=False):
-                f.write(np.ascontiguousarray(np.load(p)).tobytes())
-        with zf.open('arr_1.npy', 'w') as f:
-            np.lib.format.write_array(f, labels.astype(np.int64))
-    os.replace(path + '.tmp', path)
-    return shape
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def run(a):
     check_args(a)
-    world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
-    device = torch.device(a.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if world > 1:
-        if a.num_samples is None:
-            raise ValueError('torchrun is for --num-samples N --out x.npz; a grid needs one process')
-        if device.type == 'cuda':
-            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    rae.set_tf32(a.tf32)
-    if rank != 0:
-        barrier()  # rank 0 downloads first; the others then hit the cache
-    autoencoder, model, guide = load_models(a, device)
-    if rank == 0:
-        barrier()
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if world > 1 and a.num_samples is None:
+        raise ValueError('torchrun is for --num-samples N --out x.npz; a grid needs one process')
+    rank, _, world, device, _ = setup_ddp(a.device)
+    set_tf32(a.tf32)
+    with rank0_first():  # rank 0 downloads; the others then hit the cache
+        models = load_models(a, device)
+    model = models[1]
     if a.num_samples is not None:
-        write_npz(a, autoencoder, model, guide, rank, world)
+        write_npz(a, models, rank, world)
     else:
         if a.unconditional:
             y = torch.full((a.n,), model.num_classes)
@@ -250,21 +236,17 @@ def run(a):
             y = torch.tensor(classes).repeat_interleave(a.n)
         shape = (model.in_channels, model.input_size, model.input_size)
         batches = [range(i, min(i + a.batch_size, len(y))) for i in range(0, len(y), a.batch_size)]
-        images = np.concatenate([generate(a, autoencoder, model, guide, noise(b, shape, a.seed), y[b.start:b.stop],
-                                          progress=True) for b in batches])
-        rae.save_grid(images, a.n, a.out)
+        images = np.concatenate([sample_batch(a, models, noise(b, shape, a.seed), y[b.start:b.stop], progress=True)
+                                 for b in batches])
+        save_grid(images, a.n, a.out)
         what = 'unconditional' if a.unconditional else f'class {", ".join(map(str, classes))}'
         print(f'wrote {a.out}: {len(images)} samples ({what}), {a.n} per row')
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    cleanup_ddp()
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    try:
-        run(a)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f'error: {e}') from None
+    with one_line_errors():
+        run(parse_args(argv))
 
 
 if __name__ == '__main__':

@@ -51,6 +51,17 @@ def tiny_released_decoder(seed):
     return sd
 
 
+TINY_DECODER_RUN = dict(encoder='dinov2-b', encoder_overrides=dict(width=C), decoder_size='XL', decoder_patch=PATCH,
+                        decoder_arch=dict(width=WIDTH, depth=2, heads=1, mlp_hidden=2 * WIDTH), image_size=GRID * PATCH)
+
+
+def as_run(model, kw):
+    """A diffusion_train.py-style checkpoint: EMA weights and the run config that builds the model."""
+    run = dict(model='DiTDH', hidden_size=kw['hidden_size'], depth=kw['depth'], num_heads=kw['num_heads'],
+               num_classes=kw['num_classes'])
+    return {'ema': model.state_dict(), 'config': run}
+
+
 def to_bytes(obj):
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -63,9 +74,11 @@ def hub(tmp_path_factory):
     local = tmp_path_factory.mktemp('weights')
     torch.manual_seed(0)
     var = 0.5 + torch.rand(C, GRID, GRID, generator=torch.Generator().manual_seed(4))
-    files = {'model': randomize(rae.DiTDH(**TINY_DDT), seed=1).state_dict(),
-             'guide': randomize(rae.DiTDH(**dict(TINY_DDT, hidden_size=(16, 64), depth=(1, 1))), seed=2).state_dict(),
-             'decoder': tiny_released_decoder(3),
+    guide_kw = dict(TINY_DDT, hidden_size=(16, 64), depth=(1, 1))
+    # tiny stand-ins at the released paths carry the config they were built with (our checkpoints' convention)
+    files = {'model': as_run(randomize(rae.DiTDH(**TINY_DDT), seed=1), TINY_DDT),
+             'guide': as_run(randomize(rae.DiTDH(**guide_kw), seed=2), guide_kw),
+             'decoder': {'ema': tiny_released_decoder(3), 'config': TINY_DECODER_RUN},
              'stats': {'mean': None, 'var': var}}  # variance only, like the released DINOv2-B statistics
     for name, obj in files.items():
         torch.save(obj, local / f'{name}.pt')
@@ -151,14 +164,14 @@ def test_npz_end_to_end(env, hub, tmp_path):
 def test_npz_resumes_after_an_interruption(env, tmp_path, monkeypatch):
     args = ['--num-samples', '20', '--batch-size', '6', '--steps', '3', '--device', 'cpu']
     sample.main(args + ['--out', str(tmp_path / 'clean.npz')])
-    calls, real = [], sample.generate
+    calls, real = [], sample.sample_batch
 
     def failing(*a, **k):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError('simulated crash')
         return real(*a, **k)
-    monkeypatch.setattr(sample, 'generate', failing)
+    monkeypatch.setattr(sample, 'sample_batch', failing)
     out = str(tmp_path / 'resumed.npz')
     with pytest.raises(SystemExit, match='simulated crash'):
         sample.main(args + ['--out', out])
@@ -210,10 +223,14 @@ def test_512_uses_the_512_files(env, hub, tmp_path):
     (['--num-samples', '20', '--class', '3', '--out', 'OUT/x.npz'], '--class does not go with --num-samples'),
     (['--ckpt', 'OUT/missing.pt'], 'not found'),
     (['--ckpt', 'OUT/wide.pt'], r'latents, but the RAE decodes .*another encoder or resolution'),
+    (['--ckpt', 'OUT/bare.pt'], r'bare state dict .*name its preset'),
+    (['--ckpt', 'OUT/bare.pt', '--model', 'DiTDH-S'], r'do not fit this model'),
 ])
 def test_bad_input_gives_one_line_errors(env, tmp_path, args, message):
     (tmp_path / 'file.txt').write_text('x')
-    torch.save(rae.DiTDH(**dict(TINY_DDT, in_channels=8)).state_dict(), tmp_path / 'wide.pt')
+    wide = dict(TINY_DDT, in_channels=8)
+    torch.save(as_run(rae.DiTDH(**wide), wide), tmp_path / 'wide.pt')
+    torch.save(rae.DiTDH(**TINY_DDT).state_dict(), tmp_path / 'bare.pt')
     args = [a.replace('OUT', str(tmp_path)) for a in args] + ['--steps', '2', '--device', 'cpu']
     if '--out' not in args:
         args += ['--out', str(tmp_path / 'ok.png')]

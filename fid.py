@@ -1,7 +1,7 @@
 """
 FID, sFID, Inception Score, Precision and Recall exactly as the ADM evaluator computes them
-(openai/guided-diffusion `evaluations/evaluator.py`, the protocol of RAE App. J), with its TensorFlow
-Inception-v3 graph written out by hand in PyTorch.
+(openai/guided-diffusion `evaluations/evaluator.py`, the protocol RAE reports its numbers with), with its
+TensorFlow Inception-v3 graph written out by hand in PyTorch.
 
   python fid.py samples.npz imagenet256                          # IS, FID, sFID, Precision, Recall
   python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz       # the same with a local reference batch
@@ -20,8 +20,8 @@ straight from the zip. Any H = W works: the network resizes to 299 as the TF gra
 Sections: the network, reading images, the metrics, evaluation, the command line.
 """
 import argparse
+import itertools
 import os
-import sys
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from rae import IMAGE_EXTS, center_crop_arr, copy_weights, download, load_state_dict_file, set_tf32
+from files import NpzImages, center_crop_arr, copy_weights, download, list_images, load_state_dict_file
+from files import write_images_npy
+from runtime import one_line_errors, set_tf32
 
 # The pytorch-fid port of the 2015-12-05 TF graph that ADM's evaluator runs (566 keys, torchvision layout).
 INCEPTION_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
@@ -278,70 +280,7 @@ class InceptionV3(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Reading images: an .npz streamed batch by batch, or a folder
-
-def _read_npy_header(f, where):
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(f)
-    raise ValueError(f'{where}: unsupported .npy format version {version}')
-
-
-class NpzImages:
-    """uint8 images (N, H, W, 3) stored under `arr_0` in an .npz, read in batches straight from the zip.
-
-    np.load would read the whole array (50k at 256 px is 9.8 GB); like ADM's evaluator we parse the .npy header
-    and read batch-sized slices of the member, compressed or not.
-    """
-
-    def __init__(self, path, key='arr_0'):
-        self.path, self.key = str(path), key
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f'{self.path}: no such file')
-        try:
-            with zipfile.ZipFile(self.path) as zf:
-                names = [n[:-4] for n in zf.namelist() if n.endswith('.npy')]
-                if key not in names:
-                    raise ValueError(f'{self.path}: no {key!r} array (it holds {names}); expected {key} = uint8 '
-                                     'images of shape (N, H, W, 3)')
-                with zf.open(key + '.npy') as f:
-                    shape, fortran, dtype = _read_npy_header(f, self.path)
-        except zipfile.BadZipFile:
-            raise ValueError(f'{self.path}: not an .npz file') from None
-        what = f'{self.path}: {key} has'
-        if dtype != np.uint8:
-            raise ValueError(f'{what} dtype {dtype}; expected uint8 images in 0..255 (quantise before saving)')
-        if len(shape) != 4 or shape[3] != 3:
-            hint = ' (looks like NCHW: transpose to NHWC)' if len(shape) == 4 and shape[1] == 3 else ''
-            raise ValueError(f'{what} shape {shape}; expected (N, H, W, 3){hint}')
-        if fortran:
-            raise ValueError(f'{what} Fortran order; save a C-contiguous array')
-        self.shape = shape
-
-    def __len__(self):
-        return self.shape[0]
-
-    def batches(self, batch_size):
-        n, h, w, c = self.shape
-        with zipfile.ZipFile(self.path) as zf, zf.open(self.key + '.npy') as f:
-            _read_npy_header(f, self.path)
-            for i in range(0, n, batch_size):
-                b = min(batch_size, n - i)
-                buf = f.read(b * h * w * c)
-                if len(buf) != b * h * w * c:
-                    raise ValueError(f'{self.path}: {self.key} is truncated (image {i + len(buf) // (h * w * c)} '
-                                     f'of {n} is incomplete)')
-                yield np.frombuffer(bytearray(buf), np.uint8).reshape(b, h, w, c)  # writable, for torch
-
-
-def list_images(folder):
-    files = sorted(p for p in Path(folder).rglob('*') if p.suffix.lower() in IMAGE_EXTS)
-    if not files:
-        raise ValueError(f'{folder}: no image files ({", ".join(sorted(IMAGE_EXTS))}) found')
-    return files
-
+# Reading images: an .npz streamed batch by batch (files.NpzImages), or a folder
 
 class _ImageFiles(torch.utils.data.Dataset):
     def __init__(self, files, crop=None):
@@ -544,24 +483,31 @@ def _check_batch(b):
 
 
 @torch.no_grad()
+def _embed(model, batches, feats, total=None, desc='Inception', progress=True):
+    """Feed uint8 NHWC batches through Inception into feats = (pool3 list, FeatureStats pool3, FeatureStats sFID),
+    yielding each batch once it is in (so that write_reference can store images on their way)."""
+    device = model.fc.weight.device
+    with tqdm(total=total, desc=desc, unit='img', disable=not progress) as bar:
+        for b in batches:
+            p, s = model(torch.as_tensor(_check_batch(b)).to(device, non_blocking=True).permute(0, 3, 1, 2))
+            feats[0].append(p.float())
+            feats[1].update(p)
+            feats[2].update(s)
+            bar.update(len(b))
+            yield b
+
+
 def extract_features(model, batches, total=None, desc='Inception', progress=True):
-    """Feed uint8 NHWC batches through Inception -> (pool3 [N,2048] float32, FeatureStats pool3, FeatureStats sFID).
+    """uint8 NHWC batches -> (pool3 [N,2048] float32, FeatureStats pool3, FeatureStats sFID).
 
     Only pool3 (8 KB an image, needed for IS and precision/recall) is kept; the covariances accumulate as we go.
     """
-    device = model.fc.weight.device
-    stats, stats_s, pool3 = FeatureStats(), FeatureStats(), []
-    with tqdm(total=total, desc=desc, unit='img', disable=not progress) as bar:
-        for b in batches:
-            x = torch.as_tensor(_check_batch(b)).to(device, non_blocking=True).permute(0, 3, 1, 2)
-            p, s = model(x)
-            stats.update(p)
-            stats_s.update(s)
-            pool3.append(p.float())
-            bar.update(len(x))
-    if not pool3:
+    feats = [], FeatureStats(), FeatureStats()
+    for _ in _embed(model, batches, feats, total, desc, progress):
+        pass
+    if not feats[0]:
         raise ValueError('no images to evaluate')
-    return torch.cat(pool3), stats, stats_s
+    return torch.cat(feats[0]), feats[1], feats[2]
 
 
 def _setup(model, device, batch_size):
@@ -614,24 +560,16 @@ def write_reference(folder, out, image_size, keep_images=0, model=None, device=N
     keep = np.zeros(len(src), bool)
     keep[np.random.RandomState(seed).permutation(len(src))[:keep_images]] = True
     model, batch_size = _setup(model, device, batch_size)
+    feats = [], FeatureStats(), FeatureStats()
+    embedded = _embed(model, src.batches(batch_size), feats, len(src), 'reference', progress)
     part = f'{out}.part'
     with zipfile.ZipFile(part, 'w') as zf:
-        arr = zf.open('arr_0.npy', 'w', force_zip64=True) if keep.any() else None
-        if arr:
-            header = {'descr': '|u1', 'fortran_order': False, 'shape': (int(keep.sum()), image_size, image_size, 3)}
-            np.lib.format.write_array_header_1_0(arr, header)
-
-        def kept(batches, i=0):  # write the chosen images on their way to the network
-            for b in batches:
-                if arr:
-                    arr.write(np.ascontiguousarray(b[keep[i:i + len(b)]]).tobytes())
-                i += len(b)
-                yield b
-
-        _, stats, stats_s = extract_features(model, kept(src.batches(batch_size)), len(src), 'reference', progress)
-        if arr:
-            arr.close()
-        for name, a in zip(('mu', 'sigma', 'mu_s', 'sigma_s'), (*stats.mu_sigma(), *stats_s.mu_sigma())):
+        if keep.any():  # the chosen images go into arr_0 on their way through the network
+            chosen = (b[keep[i:i + len(b)]] for b, i in zip(embedded, itertools.count(0, batch_size)))
+            write_images_npy(zf, (int(keep.sum()), image_size, image_size, 3), chosen)
+        for _ in embedded:  # without arr_0: only the statistics
+            pass
+        for name, a in zip(('mu', 'sigma', 'mu_s', 'sigma_s'), (*feats[1].mu_sigma(), *feats[2].mu_sigma())):
             with zf.open(name + '.npy', 'w', force_zip64=True) as f:
                 np.lib.format.write_array(f, a)
     os.replace(part, out)
@@ -642,15 +580,7 @@ def write_reference(folder, out, image_size, keep_images=0, model=None, device=N
 # Command line
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description='IS, FID, sFID, Precision and Recall exactly as the ADM evaluator (TF Inception-v3, '
-                    'hand-written in PyTorch).',
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog='examples:\n'
-               '  python fid.py samples.npz imagenet256\n'
-               '  python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz\n'
-               '  python fid.py --write-ref val256.npz /data/imagenet/val --image-size 256 --keep-images 10000\n'
-               '  python fid.py recon_folder/ val256.npz')
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('samples', help='.npz with arr_0 = uint8 (N, H, W, 3), or a folder of same-size images; '
                                    'with --write-ref: the folder of reference images')
     p.add_argument('reference', nargs='?', help=f'reference batch: .npz with mu, sigma, mu_s, sigma_s [, arr_0], '
@@ -670,7 +600,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.write_ref is None and args.reference is None:
         p.error('a reference is needed: a .npz path or one of ' + ', '.join(ADM_REFS))
-    try:
+    with one_line_errors():  # a bad input or a download without network: one line on stderr, exit status 1
         device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
         if args.write_ref:
             if not os.path.isdir(args.samples):
@@ -684,8 +614,6 @@ def main(argv=None):
         src = open_images(args.samples, args.workers)
         model = InceptionV3.from_pretrained(args.weights).to(device)
         m = evaluate(src, ref, model, batch_size=args.batch_size, pr=not args.no_pr)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f'fid.py: error: {e}')
     print('Computing evaluations...')
     names = {'IS': 'Inception Score', 'FID': 'FID', 'sFID': 'sFID', 'Precision': 'Precision', 'Recall': 'Recall'}
     for k, name in names.items():

@@ -14,7 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fid  # noqa: E402
-from rae import center_crop_arr  # noqa: E402
+from files import center_crop_arr  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parents[2] / 'shared' / 'reference' / 'golden'
 
@@ -506,7 +506,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, model):
     np.savez(tmp_path / 'ref.npz', mu=np.zeros(2048), sigma=np.eye(2048))
     with pytest.raises(SystemExit) as e:
         fid.main([str(tmp_path / 'nchw.npz'), str(tmp_path / 'ref.npz')])
-    assert str(e.value.code).startswith('fid.py: error:') and 'NCHW' in str(e.value.code)
+    assert str(e.value.code).startswith('error: ') and 'NCHW' in str(e.value.code)
     assert '\n' not in str(e.value.code)
 
 

@@ -35,11 +35,11 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from rae import (RAE, Decoder, DiTDH, LightningDiT, build_dit, flow_loss, guided_velocity, sample_ode, sample_t,
-                 save_grid, set_tf32, shift_alpha, time_shift, to_uint8)
-from training import (ImageFolder, cleanup_ddp, configure, latest_checkpoint, load_checkpoint, lr_linear_decay,
-                      make_ema, make_loader, one_line_errors, print0, rank0_first, save_checkpoint, setup_ddp,
-                      start_log, unreadable, update_ema, write_toy_dinov2)
+from files import save_grid, to_uint8
+from rae import RAE, Decoder, build_dit, decoder_arch, flow_loss, guided_velocity, sample_ode, shift_alpha, step_draws
+from runtime import cleanup_ddp, one_line_errors, print0, rank0_first, set_tf32, setup_ddp
+from training import (ImageFolder, configure, latest_checkpoint, load_checkpoint, lr_linear_decay, make_ema,
+                      make_loader, save_checkpoint, start_log, unreadable, update_ema, write_toy_dinov2)
 
 _imported = set(globals())  # the config is what the block below defines
 # -----------------------------------------------------------------------------------------------------------
@@ -101,43 +101,9 @@ ckpt_keep = 3
 _DEFAULTS = {k: v for k, v in globals().items() if k not in _imported}
 
 
-# -----------------------------------------------------------------------------------------------------------
-# The training objective, with draws that do not depend on how the global batch is split
-
 def seed_of(*keys):
     """A 64-bit seed from a tuple of ints (numpy's SeedSequence hash)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
-
-
-def step_draws(seed, step, rows, global_batch, latent_shape, time_dist, alpha, class_dropout, device):
-    """eps [B, C, h, w], shifted t [B] and label drops [B] for `rows` of the global batch of optimizer step `step`.
-
-    (seed, step) hashes to global_batch + 1 seeds: t and the drops of the whole global batch come from the last
-    (through sample_t, as released), eps of row r from seed r. Row r of a step is the same sample on any number of
-    ranks, so every rank can draw just its own rows. Own generators: the rank's streams (CPU and CUDA) move not.
-    """
-    seeds = np.random.SeedSequence([seed, step]).generate_state(global_batch + 1, np.uint64).tolist()
-    g = torch.Generator().manual_seed(seeds[-1])
-    t = time_shift(sample_t(global_batch, time_dist, generator=g), alpha)[rows]
-    drop = (torch.rand(global_batch, generator=g) < class_dropout)[rows]
-    g = torch.Generator(device)
-    eps = torch.stack([torch.randn(latent_shape, generator=g.manual_seed(seeds[r]), device=device)
-                       for r in rows.tolist()])
-    return eps, t.to(device), drop.to(device)
-
-
-def build_model(name, latent_shape, num_classes, hidden_size=None, depth=None, num_heads=None):
-    """A preset ('DiTDH-XL') or, with hidden_size/depth/num_heads, 'DiTDH' / 'LightningDiT' of that size."""
-    C, h, _ = latent_shape
-    kw = dict(input_size=h, in_channels=C, num_classes=num_classes, class_dropout_prob=0.0)  # we drop labels
-    if hidden_size is None:
-        try:
-            return build_dit(name, **kw)
-        except ValueError as e:
-            raise SystemExit(f'model={name!r}: {e}') from None
-    if name not in ('DiTDH', 'LightningDiT'):
-        raise SystemExit(f"model={name!r} with hidden_size set: use 'DiTDH' or 'LightningDiT'")
-    return (DiTDH if name == 'DiTDH' else LightningDiT)(hidden_size=hidden_size, depth=depth, num_heads=num_heads, **kw)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -248,7 +214,7 @@ def write_cache(rae, data, root, dtype, rank, world_size, batch_size, workers, d
 # EMA samples: preview grids and online FID
 
 @torch.no_grad()
-def generate(ema, rae, y, noise, num_steps, alpha, ctx):
+def ema_images(ema, rae, y, noise, num_steps, alpha, ctx):
     """Images [B, 3, H, W] in [0, 1] from the EMA model: Euler ODE from t = 1 (noise) to t ~ 0, unguided, decoded."""
     with ctx:
         z = sample_ode(guided_velocity(ema, y), noise, num_steps, alpha)
@@ -281,7 +247,7 @@ def online_fid(ema, rae, n, reference, latent_shape, alpha, num_steps, ctx, seed
             b = min(batch_size, share - i)
             y = torch.randint(ema.num_classes, (b,), generator=g).to(device)
             x = torch.randn(b, *latent_shape, generator=g).to(device)
-            images = generate(ema, rae, y, x, num_steps, alpha, ctx)
+            images = ema_images(ema, rae, y, x, num_steps, alpha, ctx)
             yield to_uint8(images)  # as a saved PNG would hold them
 
     pool3 = fid.extract_features(_FID['net'], batches(), share, 'online FID', progress=rank == 0)[0]
@@ -328,6 +294,8 @@ def main(argv):
         rae = RAE.from_pretrained(encoder, image_size, decoder, stats=False if mode != 'train' else stats,
                                   encoder_weights=encoder_weights, load_encoder=not from_cache,
                                   encoder_overrides=encoder_overrides).to(dev)
+    if rae.encoder is not None:  # ImageFolder gives [0, 1] by construction; the range check would sync every step
+        rae.encoder.check_inputs = False
     if from_cache:
         data = LatentCache(latent_cache, seed=global_seed)
         latent_shape = data.shape[2:]
@@ -367,7 +335,11 @@ def main(argv):
 
     # The model is initialised from global_seed on every rank; then each rank gets its own stream.
     torch.manual_seed(global_seed)
-    dit = build_model(model, latent_shape, num_classes, hidden_size, depth, num_heads).to(dev)
+    try:  # labels are dropped by step_draws, not by the model: class_dropout_prob=0
+        dit = build_dit(model, hidden_size, depth, num_heads, input_size=latent_shape[1], in_channels=latent_shape[0],
+                        num_classes=num_classes, class_dropout_prob=0.0).to(dev)
+    except ValueError as e:
+        raise SystemExit(f'model={model!r}: {e}') from None
     ema = make_ema(dit)  # a plain eager copy: made before any compile/DDP wrapper exists (see training.make_ema)
     torch.manual_seed(global_seed * world_size + rank)
     opt = torch.optim.AdamW([p for p in dit.parameters() if p.requires_grad], lr=lr, betas=betas,
@@ -442,7 +414,7 @@ def main(argv):
             y = torch.tensor(sample_classes, device=dev)
             noise = preview_noise(len(y), latent_shape).to(dev)
             os.makedirs(os.path.join(out_dir, 'samples'), exist_ok=True)
-            save_grid(to_uint8(generate(ema, rae, y, noise, sample_steps, alpha, ctx)), 4,
+            save_grid(to_uint8(ema_images(ema, rae, y, noise, sample_steps, alpha, ctx)), 4,
                       os.path.join(out_dir, 'samples', f'{step:07d}.png'))
         if fid_every and step % fid_every == 0:
             score = online_fid(ema, rae, fid_samples, fid_reference, latent_shape, alpha, sample_steps, ctx,
@@ -477,12 +449,13 @@ def make_toy(data_path, encoder_file, decoder_file, image_size, encoder, overrid
             Image.fromarray(img.astype(np.uint8)).save(os.path.join(data_path, f'class{c:03d}', f'{i:03d}.png'))
     enc = write_toy_dinov2(encoder_file, encoder, overrides)
     grid = enc.input_size // enc.patch
+    run = dict(encoder=encoder, encoder_overrides=overrides, decoder_size='XL', decoder_patch=image_size // grid,
+               decoder_arch=dict(width=64, depth=1, heads=1, mlp_hidden=128), image_size=image_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        dec = Decoder(token_dim=enc.patch_embed.out_channels, width=64, depth=1, heads=1, mlp_hidden=128, grid=grid,
-                      patch=image_size // grid)
+        dec = Decoder(**decoder_arch(run))
     os.makedirs(os.path.dirname(decoder_file) or '.', exist_ok=True)
-    torch.save(dec.state_dict(), decoder_file)
+    torch.save({'model': dec.state_dict(), 'config': run}, decoder_file)  # as a decoder_train.py checkpoint
     print0(f'toy data: {num_classes} x {per_class} images in {data_path}, random RAE {encoder_file}, {decoder_file}')
 
 

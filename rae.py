@@ -609,6 +609,8 @@ def build_dit(name, hidden_size=None, depth=None, num_heads=None, **kwargs):
     if family not in ('DiTDH', 'LightningDiT') or (size not in DIT_SIZES if size else hidden_size is None):
         raise ValueError(f'unknown model {name!r}; choose DiTDH-<size> or LightningDiT-<size> with size in '
                          f'{"/".join(DIT_SIZES)}, or DiTDH / LightningDiT with hidden_size, depth and num_heads')
+    if size and hidden_size is not None:
+        raise ValueError(f'{name} is a preset: give hidden_size / depth / num_heads with DiTDH or LightningDiT')
     if size:
         (hidden_size, depth, num_heads), head = DIT_SIZES[size], DDT_HEAD
         if family == 'DiTDH':

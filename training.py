@@ -1,6 +1,6 @@
 """
-Training plumbing shared by decoder_train.py (stage 1) and diffusion_train.py (stage 2): config overrides, DDP,
-an ImageNet-style image folder, EMA, checkpoints with exact resume, learning-rate schedules and the run log.
+Training plumbing shared by decoder_train.py (stage 1) and diffusion_train.py (stage 2): config overrides, an
+ImageNet-style image folder, EMA, checkpoints with exact resume, learning-rate schedules and the run log.
 
 Order of use in a training script (the comments say why the order matters):
 

@@ -23,7 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import diffusion_train as dt  # noqa: E402
-from rae import ENCODERS, RAE, Encoder, flow_loss, set_tf32, shift_alpha  # noqa: E402
+from rae import ENCODERS, RAE, Encoder, build_dit, flow_loss, shift_alpha, step_draws  # noqa: E402
+from runtime import set_tf32  # noqa: E402
 from training import ImageFolder, make_ema, update_ema  # noqa: E402
 
 # dense peak TFLOP/s of the tensor cores (fp32 runs as TF32)
@@ -34,7 +35,8 @@ PEAK_TFLOPS = {'H100': {'bf16': 989, 'fp32': 495}, 'H200': {'bf16': 989, 'fp32':
 def train_flops_per_image(name, latent_shape, num_classes=1000):
     """Forward + backward FLOPs of one image, counted on a meta-device model (no memory, no compute)."""
     with torch.device('meta'):
-        model = dt.build_model(name, latent_shape, num_classes)
+        model = build_dit(name, input_size=latent_shape[1], in_channels=latent_shape[0], num_classes=num_classes,
+                          class_dropout_prob=0.0)
     model = model.to('meta')  # the sin-cos tables are built on the CPU from numpy
     x = torch.zeros(1, *latent_shape, device='meta')
     with FlopCounterMode(display=False) as counter:
@@ -90,7 +92,8 @@ def main():
             ctx = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
             for compiled in map(int, a.compile.split(',')):
                 torch.manual_seed(0)
-                model = dt.build_model(a.model, latent_shape, 1000).to(dev)
+                model = build_dit(a.model, input_size=latent_shape[1], in_channels=latent_shape[0],
+                                  class_dropout_prob=0.0).to(dev)
                 ema = make_ema(model)
                 net = torch.compile(model) if compiled else model
                 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4,
@@ -109,7 +112,7 @@ def main():
                             inputs, y = next(it)
                         inputs = inputs.to(dev, non_blocking=True)
                         x = rae.normalize(inputs) if source == 'cache' else rae.encode(inputs)
-                        eps, t, drop = dt.step_draws(0, step, rows, a.batch, latent_shape, 'logit-normal', alpha, 0.1,
+                        eps, t, drop = step_draws(0, step, rows, a.batch, latent_shape, 'logit-normal', alpha, 0.1,
                                                      dev)
                         y = torch.where(drop, 1000, y.to(dev))
                         with ctx:

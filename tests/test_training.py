@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from PIL import Image
 
+import runtime
 import training
 from training import (ImageFolder, configure, latest_checkpoint, list_checkpoints, load_checkpoint, lr_linear_decay,
                       lr_warmup_cosine, make_ema, make_loader, save_checkpoint, unwrap, update_ema)
@@ -338,7 +339,7 @@ def ddp_run(rank, world, port, root, out):
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR='127.0.0.1',
                           MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    r, local_rank, world_size, device, is_master = training.setup_ddp('cpu')
+    r, local_rank, world_size, device, is_master = runtime.setup_ddp('cpu')
     assert (r, local_rank, world_size, device.type, is_master) == (rank, rank, world, 'cpu', rank == 0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
@@ -359,7 +360,7 @@ def ddp_run(rank, world, port, root, out):
     load_checkpoint(os.path.join(out, 'ckpt', '0000001.pt'))  # each rank gets its own stream back
     torch.save({'model': model.state_dict(), 'rng_ok': torch.equal(torch.rand(3), after_save)},
                os.path.join(out, f'rank{rank}.pt'))
-    training.cleanup_ddp()
+    runtime.cleanup_ddp()
 
 
 def test_ddp_two_processes_match_one(tmp_path):

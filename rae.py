@@ -710,8 +710,8 @@ def step_draws(seed, step, rows, global_batch, latent_shape, time_dist, alpha, c
 def flow_loss(model, x, y, alpha, time_dist='logit-normal', eps=None, t=None):
     """Per-sample loss ||v_theta(x_t, t, y) - (eps - x)||^2 / dim at shifted random times t: [B].
 
-    Without eps and t, they are drawn here in the authors' order (eps, then t; the model drops labels itself), so
-    a seeded call matches their code; diffusion_train.py passes those of step_draws.
+    Without eps and t, they are drawn here (eps, then t; the model drops labels itself: the released training
+    code's order, so a seeded call reproduces it); diffusion_train.py passes those of step_draws.
     """
     eps = torch.randn_like(x) if eps is None else eps
     t = time_shift(sample_t(len(x), time_dist), alpha).to(x.device) if t is None else t

@@ -14,8 +14,8 @@ velocity from the DiT (guided or not) -> RAE decoder -> pixels in [0, 1] -> 8 bi
 --num-samples N --out x.npz writes the ADM evaluator's format: arr_0 = uint8 [N, H, W, 3], arr_1 = the labels,
 exactly N / 1000 images per class in a fixed shuffled order. Sample i always gets the same noise (seeded by
 (--seed, i)), so the set does not depend on the number of GPUs or the batch size. Finished batches are kept in
-x.npz.parts/ and an interrupted run resumes there. Pixels are quantised by rounding, floor(255 x + 0.5) (as DiT and
-torchvision save; the authors' sample_ddp.py truncates, a -0.5/255 bias).
+x.npz.parts/ and an interrupted run resumes there. Pixels are quantised by rounding, floor(255 x + 0.5), as DiT and
+torchvision save them (README: differences).
 """
 import argparse
 import json

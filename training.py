@@ -211,9 +211,9 @@ def unwrap(model):
 
 
 def make_ema(model):
-    """A frozen eval-mode copy of the plain module. Copy before compiling: the reference compiled
-    `model.forward = torch.compile(model.forward)` and then deep-copied; deepcopy keeps that bound method, so its
-    "EMA" model ran the live weights in every preview and online FID. We refuse such a patched module."""
+    """A frozen eval-mode copy of the plain module, made before compiling. A module whose forward was patched
+    (`m.forward = torch.compile(m.forward)`) is refused: deepcopy would keep that bound method, and the "EMA" copy
+    would run the live weights in every preview and online FID (README: differences)."""
     model = unwrap(model)
     patched = [name or 'model' for name, m in model.named_modules() if 'forward' in vars(m)]
     if patched:

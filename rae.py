@@ -80,7 +80,8 @@ ENCODERS = {
                      layerscale=True, eps=1e-6, antialias=True, layout='dinov2',
                      repo='facebook/dinov2-with-registers-large'),
     'siglip2-b': dict(width=768, depth=12, heads=12, patch=16, pos_grid=16, input_size=256, cls=False, act='tanh',
-                      eps=1e-6, mean=(0.5,) * 3, std=(0.5,) * 3, layout='siglip2', repo='google/siglip2-base-patch16-256'),
+                      eps=1e-6, mean=(0.5,) * 3, std=(0.5,) * 3, layout='siglip2',
+                      repo='google/siglip2-base-patch16-256'),
     'mae-b': dict(width=768, depth=12, heads=12, patch=16, pos_grid=14, input_size=256, eps=1e-12, layout='mae',
                   repo='facebook/vit-mae-base'),
     # DINO v1 ViT-S/8: the frozen discriminator backbone of decoder training (its MLP uses tanh GELU there)

@@ -56,8 +56,8 @@ def parse_args(argv):
                    "a diffusion_train.py checkpoint brings its run's encoder, decoder, statistics and shift")
     p.add_argument('--model', default=None, help='the preset of a bare --ckpt / --guide state dict (e.g. DiTDH-XL); '
                    'diffusion_train.py checkpoints name their own')
-    p.add_argument('--decoder', default=None, help='local RAE decoder file (default: the released or the run\'s one)')
-    p.add_argument('--stats', default=None, help='local latent statistics stat.pt (default: the released or the run\'s)')
+    p.add_argument('--decoder', default=None, help="local RAE decoder file (default: the released or the run's)")
+    p.add_argument('--stats', default=None, help="latent statistics stat.pt (default: the released or the run's)")
     p.add_argument('--num-samples', type=int, default=None, help='write an ADM npz of this many samples')
     p.add_argument('--out', default=None, help='output .png (grid) or .npz (with --num-samples)')
     p.add_argument('--batch-size', type=int, default=32, help='per device')
@@ -84,7 +84,8 @@ def check_args(a):
     if a.steps < 2 or a.n < 1 or a.batch_size < 1:
         raise ValueError('--steps must be >= 2, --n and --batch-size >= 1')
     if a.guide and a.autoguidance is None:
-        raise ValueError('--guide is the AutoGuidance guide: add --autoguidance (the released scale) or --autoguidance W')
+        raise ValueError('--guide is the AutoGuidance guide: add --autoguidance (the released scale) or '
+                         '--autoguidance W')
     if a.cfg != 1 and a.autoguidance is not None:
         raise ValueError('use either --cfg or --autoguidance, not both')
     if a.cfg != 1 and a.unconditional:

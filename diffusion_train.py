@@ -39,7 +39,7 @@ from files import save_grid, to_uint8
 from rae import RAE, Decoder, build_dit, decoder_arch, flow_loss, guided_velocity, sample_ode, shift_alpha, step_draws
 from runtime import cleanup_ddp, one_line_errors, print0, rank0_first, set_tf32, setup_ddp
 from training import (ImageFolder, configure, latest_checkpoint, load_checkpoint, lr_linear_decay, make_ema,
-                      make_loader, save_checkpoint, start_log, unreadable, update_ema, write_toy_dinov2)
+                      make_loader, save_checkpoint, start_log, unreadable, update_ema, write_toy_encoder)
 
 _imported = set(globals())  # the config is what the block below defines
 # -----------------------------------------------------------------------------------------------------------
@@ -447,7 +447,7 @@ def make_toy(data_path, encoder_file, decoder_file, image_size, encoder, overrid
             top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
             img[top:top + h // 3, left:left + w // 3] = 255 - colour
             Image.fromarray(img.astype(np.uint8)).save(os.path.join(data_path, f'class{c:03d}', f'{i:03d}.png'))
-    enc = write_toy_dinov2(encoder_file, encoder, overrides)
+    enc = write_toy_encoder(encoder_file, encoder, overrides)
     grid = enc.input_size // enc.patch
     run = dict(encoder=encoder, encoder_overrides=overrides, decoder_size='XL', decoder_patch=image_size // grid,
                decoder_arch=dict(width=64, depth=1, heads=1, mlp_hidden=128), image_size=image_size)

@@ -180,6 +180,16 @@ def copy_weights(model, sd, path, names=None):
     return model
 
 
+def published_names(key, layout):
+    """Our state-dict key -> its published name(s) in layout (see load_published), without the tower prefix."""
+    _, outer, block, inner = layout
+    i, module = (key.split('.')[1], key.split('.', 2)[2]) if key.startswith('blocks.') else (None, key)
+    module, param = module.rsplit('.', 1) if module.endswith(('.weight', '.bias')) else (module, None)
+    theirs = (inner if i else outer)[module]
+    return [(block.format(i=i) if i else '') + t + (f'.{param}' if param else '')
+            for t in (theirs if isinstance(theirs, tuple) else (theirs,))]
+
+
 def load_published(model, sd, layout, path, optional=()):
     """Copy a state dict in a published layout into a ViT-like model (a .blocks list), tensor by tensor.
 
@@ -188,18 +198,14 @@ def load_published(model, sd, layout, path, optional=()):
     dim 0. Every tensor takes the .weight / .bias of its module. Names in `optional` that the file lacks keep
     the model's own values; tensors of the file that the table does not name are not read.
     """
-    prefix, outer, block, inner = layout
+    prefix, block = layout[0], layout[2]
     if any(k.startswith(prefix) for k in sd):  # the tower inside a larger model's file
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if any(k.startswith(block.format(i=len(model.blocks))) for k in sd):
         raise ValueError(f'{path}: weights for a different model: more than {len(model.blocks)} blocks')
     ours, mapped, names = model.state_dict(), {}, {}
     for key in ours:
-        i, module = (key.split('.')[1], key.split('.', 2)[2]) if key.startswith('blocks.') else (None, key)
-        module, param = module.rsplit('.', 1) if module.endswith(('.weight', '.bias')) else (module, None)
-        theirs = (inner if i else outer)[module]
-        theirs = [(block.format(i=i) if i else '') + t + (f'.{param}' if param else '')
-                  for t in (theirs if isinstance(theirs, tuple) else (theirs,))]
+        theirs = published_names(key, layout)
         if any(t not in sd for t in theirs):
             if key in optional:
                 continue
@@ -208,6 +214,15 @@ def load_published(model, sd, layout, path, optional=()):
     if mapped.get('pos_embed', ours['pos_embed']).ndim == 2:  # SigLIP2 stores an nn.Embedding table [N, C]
         mapped['pos_embed'] = mapped['pos_embed'][None]
     return copy_weights(model, {k: mapped.get(k, v) for k, v in ours.items()}, path, names)
+
+
+def published_state_dict(model, layout):
+    """The inverse of load_published: model's tensors under their published names (our fused qkv split in three)."""
+    out = {}
+    for key, v in model.state_dict().items():
+        theirs = published_names(key, layout)
+        out.update({layout[0] + t: part.clone().contiguous() for t, part in zip(theirs, v.chunk(len(theirs)))})
+    return out
 
 
 # -----------------------------------------------------------------------------------------------------------

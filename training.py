@@ -36,8 +36,8 @@ import torch.distributed as dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from files import IMAGE_EXTS, center_crop_arr
-from rae import ENCODERS, Encoder
+from files import IMAGE_EXTS, center_crop_arr, published_state_dict
+from rae import ENCODERS, PUBLISHED, Encoder
 from runtime import print0
 
 # -----------------------------------------------------------------------------------------------------------
@@ -343,35 +343,18 @@ def lr_warmup_cosine(step, base, final, warmup, decay_end):
 # Toy stand-ins: offline smoke runs (configs/tiny.py, configs/decoder_tiny.py and the tests) feed random weights
 # through the real loading code, so the file is written in the published layout
 
-def write_toy_dinov2(path, name='dinov2-b', overrides=None, seed=0):
-    """A random-weight DINOv2 Encoder (the `name` preset with `overrides`, e.g. a 2-block width-32 one) saved
-    under the Hugging Face hub's Dinov2WithRegistersModel names: Encoder.from_pretrained(name, weights=path) and
-    RAE.from_pretrained read it like the published file."""
-    if not name.startswith('dinov2'):
-        raise SystemExit(f'toy stand-ins are DINOv2 files only, not {name}')
+def write_toy_encoder(path, name='dinov2-b', overrides=None, seed=0):
+    """A random-weight Encoder (the `name` preset with `overrides`, e.g. a 2-block width-32 one) saved under its
+    published names (rae.PUBLISHED): Encoder.from_pretrained(name, weights=path) reads it like the published file."""
     with torch.random.fork_rng(devices=[]):  # the caller's stream is left untouched
         torch.manual_seed(seed)
         enc = Encoder(**dict(ENCODERS[name], name=name, **(overrides or {})))
         with torch.no_grad():  # the published files carry non-zero embeddings
             for p in (enc.cls_token, enc.register_tokens, enc.pos_embed):
-                p.normal_(std=0.5)
-    width = enc.cls_token.shape[-1]
-    sd = {'embeddings.patch_embeddings.projection.weight': enc.patch_embed.weight,
-          'embeddings.patch_embeddings.projection.bias': enc.patch_embed.bias,
-          'embeddings.cls_token': enc.cls_token, 'embeddings.position_embeddings': enc.pos_embed,
-          'embeddings.register_tokens': enc.register_tokens, 'embeddings.mask_token': torch.zeros(1, width),
-          'layernorm.weight': torch.ones(width), 'layernorm.bias': torch.zeros(width)}  # our final LN has no affine
-    for i, b in enumerate(enc.blocks):
-        pre = f'encoder.layer.{i}.'
-        for s in ('weight', 'bias'):
-            for part, w in zip(('query', 'key', 'value'), getattr(b.attn.qkv, s).chunk(3)):  # the hub splits qkv
-                sd[pre + f'attention.attention.{part}.{s}'] = w
-            for ours, theirs in [(b.attn.proj, 'attention.output.dense'), (b.norm1, 'norm1'), (b.norm2, 'norm2'),
-                                 (b.fc1, 'mlp.fc1'), (b.fc2, 'mlp.fc2')]:
-                sd[pre + f'{theirs}.{s}'] = getattr(ours, s)
-        sd[pre + 'layer_scale1.lambda1'], sd[pre + 'layer_scale2.lambda1'] = b.ls1, b.ls2
+                if p is not None:
+                    p.normal_(std=0.5)
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    torch.save({k: v.detach().clone().contiguous() for k, v in sd.items()}, path)
+    torch.save(published_state_dict(enc, PUBLISHED[enc.layout]), path)
     return enc
 
 
@@ -405,3 +388,4 @@ def start_log(out_dir, config, device):
     log(f'# git {commit}\n# torch {torch.__version__}, {world} x {name}\n# {" ".join(sys.argv)}\n'
         + '\n'.join(f'{k} = {v!r}' for k, v in config.items()))
     return log
+write_toy_dinov2 = write_toy_encoder  # TEMPORARY alias, removed once decoder_train.py uses the new name

@@ -462,3 +462,27 @@ def test_missing_weights_file(tmp_path):
     with pytest.raises(ERRORS + (FileNotFoundError,)) as e:
         rae.Encoder.from_pretrained('mae-b', weights=str(tmp_path / 'nowhere.safetensors'))
     assert 'nowhere.safetensors' in one_line(e)
+
+
+def test_toy_writer_writes_the_published_layout(tmp_path):
+    # training.write_toy_encoder (the offline stand-in of the published file) is read by transformers itself:
+    # the same tokens as our encoder, so the inverse of the name table writes the real hub names.
+    import training
+    over = dict(width=32, depth=2, heads=2, pos_grid=4, input_size=56)
+    enc = training.write_toy_encoder(tmp_path / 'toy.pt', 'dinov2-b', over, seed=3)
+    sd = torch.load(tmp_path / 'toy.pt')
+    cfg = transformers.Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                 mlp_ratio=4, patch_size=14, image_size=56, num_register_tokens=4,
+                                                 layer_norm_eps=1e-6, layerscale_value=1.0)
+    folder = tmp_path / 'hf'  # as from the hub: config.json + model.safetensors, read by from_pretrained
+    cfg.save_pretrained(folder)
+    safetensors_torch.save_file(sd, str(folder / 'model.safetensors'))
+    model, info = transformers.Dinov2WithRegistersModel.from_pretrained(folder, output_loading_info=True)
+    assert not info['unexpected_keys'] and not info['mismatched_keys']
+    assert set(info['missing_keys']) <= {'embeddings.mask_token', 'layernorm.weight', 'layernorm.bias'}
+    model.eval()
+    drop_affine_(model.layernorm)
+    images = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(pixel_values=prepare(images, 56, *IMAGENET)).last_hidden_state[:, 5:]
+        assert (enc(images) - want).abs().max() <= TOL

@@ -2,11 +2,13 @@
 Files in and out, shared by every script: downloads into the cache, weight files (safetensors, torch) and
 checkpoint dicts, images (the ADM centre crop, 8-bit quantisation, PNG grids) and .npz files of uint8 images.
 """
+import contextlib
 import hashlib
 import json
 import math
 import os
 import struct
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -32,6 +34,9 @@ def cache_dir():
     return Path(os.environ.get('RAE_CACHE', Path.home() / '.cache' / 'rae'))
 
 
+RETRY_STATUS = (429, 500, 502, 503, 504)  # transient server answers: retried with back-off; other errors are final
+
+
 def download(url, sha256=None, size=None, filename=None, retries=5, md5=None):
     """Fetch url into the cache once and return the local path.
 
@@ -39,17 +44,65 @@ def download(url, sha256=None, size=None, filename=None, retries=5, md5=None):
     `<path>.part` and is renamed when complete and verified, so a crash never leaves a bad file under the final
     name; an interrupted download resumes from the partial file with an HTTP Range request. sha256 / md5: the
     published hex digest, or its first digits (torchvision names its files after 8 of them); checked once, on
-    download.
+    download. A body of unknown length or served as HTML must parse as its format (check_format) before it is
+    cached; a cached file that does not is moved aside to `<name>.bad` and fetched again. Processes that want the
+    same file take turns through `<path>.lock`.
     """
     rel = filename or urlparse(url).path.lstrip('/')
     if not rel or rel.endswith('/'):
         rel = hashlib.sha256(url.encode()).hexdigest()[:16]
     path = cache_dir() / rel
-    if path.exists() and (size is None or path.stat().st_size == size):
+    if cached(path, size):
         return str(path)  # cache hit: no request at all
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(path.with_name(path.name + '.lock')) as lock:
+            if not cached(path, size):  # another process may have fetched it while we waited
+                fetch(url, path, lock, sha256, md5, size, retries)
+    except OSError as e:  # read-only or full cache (requests' errors are RuntimeErrors by now)
+        raise RuntimeError(f'cannot write {path} ({e.strerror or e}): set RAE_CACHE to a writable folder with space '
+                           f'(now {cache_dir()})') from None
+    return str(path)
+
+
+def cached(path, size=None):
+    """Whether path holds a good copy; a bad one (truncated, an HTML page) is moved aside to <name>.bad."""
+    if not path.exists() or (size is not None and path.stat().st_size != size):
+        return False
+    try:
+        check_format(path)
+        return True
+    except ValueError as e:
+        os.replace(path, path.with_name(path.name + '.bad'))
+        print(f'{e}: moved aside to {path.name}.bad, fetching it again', file=sys.stderr)
+        return False
+
+
+@contextlib.contextmanager
+def file_lock(lock, stale=120):
+    """Hold lock (a file made with O_EXCL) for the block; a lock untouched for `stale` s belongs to a dead process."""
+    while True:
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            break
+        except FileExistsError:
+            try:
+                if time.time() - lock.stat().st_mtime > stale:
+                    lock.unlink()
+            except FileNotFoundError:
+                pass
+            time.sleep(0.2)
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def fetch(url, path, lock, sha256, md5, size, retries):
+    """The transfer behind download(): resume, retries, verification, rename."""
     part = path.with_name(path.name + '.part')
     hint = f'no network? download {url} by hand and place it at {path} (or set RAE_CACHE)'
+    unsure, touched = False, time.time()  # unsure: some body came without a length or as HTML
     for attempt in range(retries):
         have = part.stat().st_size if part.exists() else 0
         headers = {'Range': f'bytes={have}-'} if have else {}
@@ -57,22 +110,34 @@ def download(url, sha256=None, size=None, filename=None, retries=5, md5=None):
             with requests.get(url, headers=headers, stream=True, timeout=30) as r:
                 if r.status_code == 416:  # the partial file is already complete
                     break
+                if r.status_code in RETRY_STATUS and attempt < retries - 1:
+                    time.sleep(min(2 ** attempt, 10) * 0.1)
+                    continue
                 if r.status_code not in (200, 206):
                     raise RuntimeError(f'download of {url} failed: HTTP {r.status_code}; {hint}')
+                if r.status_code == 206 and not r.headers.get('Content-Range', '').startswith(f'bytes {have}-'):
+                    part.unlink()  # a range that does not start where the partial file ends: start over
+                    continue
                 if r.status_code == 200:
                     have = 0  # the server ignored the Range header: start over
                 length = r.headers.get('Content-Length')
+                unsure |= length is None or 'html' in r.headers.get('Content-Type', '')
                 total = have + int(length) if length is not None else size
                 with open(part, 'ab' if have else 'wb') as f, \
                         tqdm(total=total, initial=have, unit='B', unit_scale=True, desc=path.name) as bar:
                     for chunk in r.iter_content(1 << 16):
                         f.write(chunk)
                         bar.update(len(chunk))
+                        if time.time() - touched > 5:  # keep the lock fresh: waiters see a live owner
+                            os.utime(lock)
+                            touched = time.time()
             break
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
             if attempt == retries - 1:
                 raise RuntimeError(f'download of {url} failed ({type(e).__name__}); {hint}') from None
             time.sleep(min(2 ** attempt, 10) * 0.1)
+    else:
+        raise RuntimeError(f'download of {url} failed after {retries} tries; {hint}')
     got = part.stat().st_size
     if size is not None and got != size:
         part.unlink()
@@ -87,8 +152,39 @@ def download(url, sha256=None, size=None, filename=None, retries=5, md5=None):
         if not h.hexdigest().startswith(expected):
             part.unlink()
             raise RuntimeError(f'download of {url}: {algorithm} {h.hexdigest()} != expected {expected}; file removed')
+    if unsure:
+        try:
+            check_format(part, path.suffix)
+        except ValueError as e:
+            part.unlink()
+            raise RuntimeError(f'download of {url}: {e}; nothing was cached') from None
     os.replace(part, path)
-    return str(path)
+
+
+def check_format(path, suffix=None):
+    """ValueError unless the file parses as its format, by suffix: a torch file (zip, or the legacy pickle), .npz,
+    .safetensors. Headers and the zip directory only: cheap enough for every cache hit. Other suffixes pass."""
+    path, suffix = Path(path), (suffix or Path(path).suffix).lower()
+    with open(path, 'rb') as f:
+        head = f.read(64)
+    if head.lstrip()[:1] == b'<':
+        raise ValueError(f'{path} is an HTML page, not a {suffix} file (a proxy or login page?)')
+    if suffix in ('.pt', '.pth', '.bin', '.ckpt', '.npz'):
+        if zipfile.is_zipfile(path):  # the end-of-directory record: a truncated zip has none
+            return
+        if suffix != '.npz' and head[:1] == b'\x80':  # torch's legacy format starts with a pickle
+            return
+        raise ValueError(f'{path}: truncated or not a {suffix} file')
+    if suffix == '.safetensors':
+        try:
+            (n,) = struct.unpack('<Q', head[:8])
+            with open(path, 'rb') as f:
+                header = json.loads(f.read(8 + n)[8:])
+            end = max([t['data_offsets'][1] for k, t in header.items() if k != '__metadata__'], default=0)
+        except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError):
+            raise ValueError(f'{path}: not a safetensors file (bad header)') from None
+        if path.stat().st_size < 8 + n + end:
+            raise ValueError(f'{path}: truncated safetensors file')
 
 
 # -----------------------------------------------------------------------------------------------------------

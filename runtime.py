@@ -44,12 +44,13 @@ def barrier():
 
 @contextlib.contextmanager
 def rank0_first():
-    """Rank 0 runs the block first (its downloads fill the shared cache), then the other ranks (cache hits): ranks
-    downloading at once would write the same .part files."""
-    if dist.is_initialized() and dist.get_rank() != 0:
+    """Local rank 0 of every node runs the block first (its downloads fill the node's cache; nodes that share one
+    cache take turns through the download's lock file), then the other ranks, whose downloads are cache hits."""
+    first = int(os.environ.get('LOCAL_RANK', 0)) == 0
+    if dist.is_initialized() and not first:
         dist.barrier()
     yield
-    if dist.is_initialized() and dist.get_rank() == 0:
+    if dist.is_initialized() and first:
         dist.barrier()
 
 

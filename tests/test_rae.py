@@ -1,7 +1,10 @@
 """The RAE foundation: downloads, the safetensors reader, the decoder and the RAE, against independent references."""
 import hashlib
 import http.server
+import io
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -26,7 +29,7 @@ def golden(name):
 
 class FileServer:
     def __init__(self, files):
-        self.files, self.requests, self.cut_once = files, [], set()
+        self.files, self.requests, self.cut_once, self.plan = files, [], set(), {}
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -35,6 +38,15 @@ class FileServer:
 
             def do_GET(self):
                 server.requests.append((self.path, self.headers.get('Range')))
+                if server.plan.get(self.path):  # a scripted answer: (status, headers, body); no length = close
+                    status, headers, body = server.plan[self.path].pop(0)
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(body)
+                    self.close_connection = True
+                    return
                 data = server.files.get(self.path.split('?')[0])
                 if data is None:
                     self.send_response(404)
@@ -74,8 +86,15 @@ def server(tmp_path, monkeypatch):
     s.close()
 
 
+def torch_bytes(n, seed=0):
+    """A torch file of about n bytes, as the released weights are (a cache hit checks the format)."""
+    buf = io.BytesIO()
+    torch.save({'w': torch.randn(n // 4, generator=torch.Generator().manual_seed(seed))}, buf)
+    return buf.getvalue()
+
+
 def test_download_progress_cache_and_checksum(server, capsys):
-    data = os.urandom(3_000_000)
+    data = torch_bytes(3_000_000)
     server.files['/a/b/weights.bin'] = data
     sha = hashlib.sha256(data).hexdigest()
     path = rae.download(server.url + '/a/b/weights.bin', sha256=sha, size=len(data))
@@ -102,6 +121,78 @@ def test_download_checksum_mismatch_raises_and_keeps_nothing(server):
     with pytest.raises(RuntimeError, match='sha256'):
         rae.download(server.url + '/x.pt', sha256='0' * 64)
     assert not list(Path(os.environ['RAE_CACHE']).rglob('x.pt*'))
+
+
+def test_download_refuses_an_html_page_and_a_short_body(server):
+    data = torch_bytes(200_000)
+    cache = Path(os.environ['RAE_CACHE'])
+    server.plan['/login.pt'] = [(200, {'Content-Type': 'text/html', 'Content-Length': '15'}, b'<html>no</html>')]
+    with pytest.raises(RuntimeError, match='HTML page.*nothing was cached'):
+        rae.download(server.url + '/login.pt')
+    server.plan['/short.pt'] = [(200, {}, data[:len(data) // 2])]  # close-delimited, cut short: not a zip
+    with pytest.raises(RuntimeError, match='truncated or not a .pt file'):
+        rae.download(server.url + '/short.pt', retries=1)
+    assert not [p for p in cache.rglob('*') if p.is_file()]  # nothing under any name, no .part left
+
+
+def test_download_retries_transient_errors_but_not_a_404(server):
+    data = torch_bytes(100_000)
+    server.files['/flaky.pt'] = data
+    server.plan['/flaky.pt'] = [(503, {'Content-Length': '0'}, b''), (502, {'Content-Length': '0'}, b'')]
+    assert Path(rae.download(server.url + '/flaky.pt')).read_bytes() == data
+    assert [p for p, _ in server.requests].count('/flaky.pt') == 3
+    with pytest.raises(RuntimeError, match='HTTP 404'):
+        rae.download(server.url + '/gone.pt')
+    assert [p for p, _ in server.requests].count('/gone.pt') == 1
+
+
+def test_download_restarts_after_a_misaimed_range(server):
+    data = torch_bytes(400_000)
+    server.files['/r.pt'] = data
+    part = Path(os.environ['RAE_CACHE']) / 'r.pt.part'
+    part.parent.mkdir(parents=True)
+    part.write_bytes(data[:1000])
+    wrong = f'bytes 0-{len(data) - 1}/{len(data)}'  # a 206 from offset 0 for a request from 1000
+    server.plan['/r.pt'] = [(206, {'Content-Range': wrong, 'Content-Length': str(len(data))}, data)]
+    assert Path(rae.download(server.url + '/r.pt')).read_bytes() == data
+
+
+def test_a_bad_cached_file_is_moved_aside_and_fetched_again(server, capsys):
+    data = torch_bytes(100_000)
+    server.files['/m.pt'] = data
+    path = Path(os.environ['RAE_CACHE']) / 'm.pt'
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data[:5000])  # a copy cut short
+    assert Path(rae.download(server.url + '/m.pt')).read_bytes() == data
+    assert (path.parent / 'm.pt.bad').read_bytes() == data[:5000]  # kept, not deleted
+    assert 'moved aside' in capsys.readouterr().err
+
+
+def test_a_read_only_cache_is_one_line_naming_rae_cache(server, tmp_path, monkeypatch):
+    if os.geteuid() == 0:  # root writes anywhere: a file where the folder should be fails for everyone
+        (tmp_path / 'ro').write_text('')
+        monkeypatch.setenv('RAE_CACHE', str(tmp_path / 'ro' / 'cache'))
+    else:
+        (tmp_path / 'ro').mkdir(mode=0o500)
+        monkeypatch.setenv('RAE_CACHE', str(tmp_path / 'ro'))
+    server.files['/w.pt'] = torch_bytes(1000)
+    with pytest.raises(RuntimeError) as e:
+        rae.download(server.url + '/w.pt')
+    assert 'RAE_CACHE' in str(e.value) and '\n' not in str(e.value)
+
+
+def test_two_processes_download_one_file_safely(server, tmp_path):
+    data = torch_bytes(4_000_000)
+    server.files['/shared.pt'] = data
+    code = f'import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); import files; ' \
+        f'print(files.download({server.url + "/shared.pt"!r}))'
+    procs = [subprocess.Popen([sys.executable, '-c', code], env=dict(os.environ), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in outs]
+    paths = {out.strip() for out, _ in outs}
+    assert len(paths) == 1 and Path(paths.pop()).read_bytes() == data
+    assert not list(Path(os.environ['RAE_CACHE']).glob('shared.pt.*'))  # no .part, no .lock left
 
 
 def test_download_offline_error_names_url_and_cache_path(tmp_path, monkeypatch):

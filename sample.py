@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 import rae
-from files import save_grid, to_uint8, write_images_npy
+from files import load_state_dict_file, save_grid, to_uint8, write_images_npy
 from runtime import barrier, cleanup_ddp, one_line_errors, rank0_first, set_tf32, setup_ddp
 
 DIT_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes, when none are given
@@ -83,6 +83,10 @@ def check_args(a):
         raise ValueError(f'--sampler must be euler or heun, --precision fp32 or bf16 (got {a.sampler}, {a.precision})')
     if a.steps < 2 or a.n < 1 or a.batch_size < 1:
         raise ValueError('--steps must be >= 2, --n and --batch-size >= 1')
+    if not math.isfinite(a.cfg) or (isinstance(a.autoguidance, float) and not math.isfinite(a.autoguidance)):
+        raise ValueError(f'--cfg and --autoguidance take finite scales (got {a.cfg}, {a.autoguidance})')
+    if not 0 <= a.cfg_interval[0] <= a.cfg_interval[1] <= 1:  # nan fails too
+        raise ValueError(f'--cfg-interval {a.cfg_interval[0]} {a.cfg_interval[1]}: expected 0 <= T_MIN <= T_MAX <= 1')
     if a.guide and a.autoguidance is None:
         raise ValueError('--guide is the AutoGuidance guide: add --autoguidance (the released scale) or '
                          '--autoguidance W')
@@ -109,10 +113,11 @@ def check_args(a):
 
 def run_config(path):
     """The config stored in a diffusion_train.py checkpoint ({} for other files): which RAE its latents came from."""
-    if not str(path).endswith('.pt') or not os.path.isfile(path):
-        return {}
-    ckpt = torch.load(path, map_location='cpu', mmap=True, weights_only=True)  # mmap: reads the config alone
-    return ckpt.get('config', {}) if isinstance(ckpt, dict) else {}
+    ckpt = load_state_dict_file(path)  # mmap'd: reads the config alone
+    run = ckpt.get('config', {}) if isinstance(ckpt, dict) else {}
+    if run and 'model' not in run:
+        raise ValueError(f'{path}: not a DiT checkpoint (a decoder_train.py checkpoint?)')
+    return run
 
 
 def load_models(a, device):

@@ -224,6 +224,11 @@ def test_512_uses_the_512_files(env, hub, tmp_path):
     (['--ckpt', 'OUT/missing.pt'], 'not found'),
     (['--ckpt', 'OUT/wide.pt'], r'latents, but the RAE decodes .*another encoder or resolution'),
     (['--ckpt', 'OUT/bare.pt'], r'bare state dict .*name its preset'),
+    (['--ckpt', 'OUT/decoder_ckpt.pt'], 'not a DiT checkpoint'),
+    (['--cfg', 'nan'], 'finite scales'),
+    (['--autoguidance', 'inf'], 'finite scales'),
+    (['--cfg', '1.5', '--cfg-interval', '0.9', '0.1'], r'expected 0 <= T_MIN <= T_MAX <= 1'),
+    (['--cfg', '1.5', '--cfg-interval', '0', '1.5'], r'expected 0 <= T_MIN <= T_MAX <= 1'),
     (['--ckpt', 'OUT/bare.pt', '--model', 'DiTDH-S'], r'do not fit this model'),
 ])
 def test_bad_input_gives_one_line_errors(env, tmp_path, args, message):
@@ -231,6 +236,7 @@ def test_bad_input_gives_one_line_errors(env, tmp_path, args, message):
     wide = dict(TINY_DDT, in_channels=8)
     torch.save(as_run(rae.DiTDH(**wide), wide), tmp_path / 'wide.pt')
     torch.save(rae.DiTDH(**TINY_DDT).state_dict(), tmp_path / 'bare.pt')
+    torch.save({'ema': {}, 'config': TINY_DECODER_RUN}, tmp_path / 'decoder_ckpt.pt')  # a decoder_train.py one
     args = [a.replace('OUT', str(tmp_path)) for a in args] + ['--steps', '2', '--device', 'cpu']
     if '--out' not in args:
         args += ['--out', str(tmp_path / 'ok.png')]

@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from files import save_grid, to_uint8
 from rae import RAE, Decoder, build_dit, decoder_arch, flow_loss, guided_velocity, sample_ode, shift_alpha, step_draws
 from runtime import cleanup_ddp, one_line_errors, print0, rank0_first, set_tf32, setup_ddp
-from training import (ImageFolder, configure, latest_checkpoint, load_checkpoint, lr_linear_decay, make_ema,
-                      make_loader, save_checkpoint, start_log, unreadable, update_ema, write_toy_encoder)
+from training import (ImageFolder, configure, lr_linear_decay, make_ema, make_loader, resume, save_checkpoint,
+                      start_log, unreadable, update_ema, write_toy_encoder)
 
 _imported = set(globals())  # the config is what the block below defines
 # -----------------------------------------------------------------------------------------------------------
@@ -354,11 +354,10 @@ def main(argv):
 
     ckpt_dir = os.path.join(out_dir, 'checkpoints')
     step, epoch, batch = 0, 0, 0  # batch = micro-batches of `epoch` consumed
-    if path := latest_checkpoint(ckpt_dir):
-        c = load_checkpoint(path, config, model=dit, ema=ema, optimizer=opt)
+    if c := resume(ckpt_dir, config, model=dit, ema=ema, optimizer=opt):
         # another number of ranks or accumulation steps goes on exactly: the draws do not depend on the split
         step, epoch, batch = c['step'], c['epoch'], c['batch'] // c['config']['grad_accum'] * grad_accum
-        log(f'resumed from {path}: step {step}, epoch {epoch}, batch {batch}')
+        log(f'resumed from {c["path"]}: step {step}, epoch {epoch}, batch {batch}')
     ddp = DDP(dit, device_ids=[local_rank] if dev.type == 'cuda' else None, broadcast_buffers=False) \
         if world_size > 1 else dit
     net = torch.compile(ddp) if compile else ddp  # compiled DDP: dynamo splits the graph at the gradient buckets

@@ -20,6 +20,7 @@ Order of use in a training script (the comments say why the order matters):
 """
 import ast
 import copy
+import errno
 import math
 import multiprocessing
 import os
@@ -278,10 +279,16 @@ def save_checkpoint(ckpt_dir, *, step, epoch, batch, config, keep=3, **state):
         state.update(step=step, epoch=epoch, batch=batch, config=config, rng=rngs)
         os.makedirs(ckpt_dir, exist_ok=True)
         path = os.path.join(ckpt_dir, f'{step:07d}.pt')
-        with open(path + '.tmp', 'wb') as f:  # a crash mid-write leaves a .tmp, never a truncated .pt
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(path + '.tmp', 'wb') as f:  # a crash mid-write leaves a .tmp, never a truncated .pt
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:  # torch's writer words a full disk as 'file write failed'
+            os.remove(path + '.tmp')
+            full = getattr(e, 'errno', None) == errno.ENOSPC or 'write failed' in str(e)
+            why = 'no space left on device' if full else (getattr(e, 'strerror', None) or str(e).splitlines()[0])
+            raise SystemExit(f'{why} while writing {path} (the previous checkpoints are kept)') from None
         os.replace(path + '.tmp', path)
         fd = os.open(ckpt_dir, os.O_RDONLY)  # the rename itself survives a power cut only once the folder is synced
         try:
@@ -294,6 +301,22 @@ def save_checkpoint(ckpt_dir, *, step, epoch, batch, config, keep=3, **state):
             os.remove(p)
     if dist.is_initialized():
         dist.barrier()
+
+
+def resume(ckpt_dir, config, **objects):
+    """load_checkpoint of the newest readable checkpoint in ckpt_dir, or None. An unreadable one (truncated by a
+    copy or a quota, empty, not a checkpoint) is renamed aside to <name>.bad, never deleted, with one warning."""
+    for _, path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except Exception as e:  # every rank sees the same file; rank 0 moves it aside
+            if int(os.environ.get('RANK', 0)) == 0 and os.path.exists(path):
+                os.replace(path, path + '.bad')
+            print0(f'warning: {path} is unreadable ({type(e).__name__}); renamed to {os.path.basename(path)}.bad, '
+                   'trying the one before')
+            continue
+        return load_checkpoint(path, config, **objects)
+    return None
 
 
 def load_checkpoint(path, config=None, **objects):
@@ -312,13 +335,18 @@ def load_checkpoint(path, config=None, **objects):
     for key, obj in objects.items():
         if key not in ckpt:
             raise SystemExit(f'{path}: no {key!r} entry (it has {", ".join(ckpt)})')
-        (unwrap(obj) if isinstance(obj, torch.nn.Module) else obj).load_state_dict(ckpt[key])
+        try:
+            (unwrap(obj) if isinstance(obj, torch.nn.Module) else obj).load_state_dict(ckpt[key])
+        except (RuntimeError, ValueError, KeyError) as e:  # another model size, or another optimizer
+            diff = [k for k in config or {} if ckpt['config'].get(k) != config[k]]
+            raise SystemExit(f'{path}: its {key} does not fit this run ({str(e).splitlines()[0][:100]}); config '
+                             f'keys that differ: {", ".join(diff) or "none"}; start in another out_dir') from None
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if len(ckpt['rng']) == world:
         set_rng_state(ckpt['rng'][rank])
     else:
         print0(f'{path}: saved by {len(ckpt["rng"])} ranks, resumed on {world}: random streams start afresh')
-    return ckpt
+    return dict(ckpt, path=path)
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Training plumbing: config overrides, image folder, EMA, checkpoints and exact resume, DDP, LR schedules."""
+import errno
 import math
 import os
 import random
@@ -273,6 +274,49 @@ def test_checkpoint_atomic(tmp_path, monkeypatch):
     assert torch.equal(load_checkpoint(latest_checkpoint(d))['model']['weight'], good['weight'])
     save_checkpoint(d, step=3, epoch=0, batch=3, config={}, model=model)
     assert sorted(os.listdir(d)) == ['0000001.pt', '0000003.pt']  # the stale temp file is gone
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'empty', 'random'])
+def test_resume_moves_an_unreadable_newest_checkpoint_aside(tmp_path, damage, capsys):
+    d = str(tmp_path)
+    model = nn.Linear(2, 2)
+    save_checkpoint(d, step=1, epoch=0, batch=1, config={'global_batch': 4}, model=model)
+    save_checkpoint(d, step=2, epoch=0, batch=2, config={'global_batch': 4}, model=nn.Linear(2, 2))
+    newest = os.path.join(d, '0000002.pt')
+    data = open(newest, 'rb').read()
+    bad = {'truncated': data[:len(data) // 2], 'empty': b'', 'random': os.urandom(len(data))}[damage]
+    open(newest, 'wb').write(bad)
+    fresh = nn.Linear(2, 2)
+    c = training.resume(d, {'global_batch': 4}, model=fresh)
+    assert c['step'] == 1 and torch.equal(fresh.weight, model.weight)  # the readable one before it
+    assert open(newest + '.bad', 'rb').read() == bad and not os.path.exists(newest)  # kept, renamed, not deleted
+    assert 'unreadable' in capsys.readouterr().out
+    assert training.resume(str(tmp_path / 'none'), {}) is None
+
+
+def test_resume_into_another_model_names_the_differing_keys(tmp_path):
+    save_checkpoint(str(tmp_path), step=1, epoch=0, batch=1, config={'global_batch': 4, 'width': 2, 'lr': 1.0},
+                    model=nn.Linear(2, 2))
+    with pytest.raises(SystemExit) as e:
+        training.resume(str(tmp_path), {'global_batch': 4, 'width': 3, 'lr': 1.0}, model=nn.Linear(3, 3))
+    msg = str(e.value)
+    assert 'does not fit this run' in msg and 'differ: width' in msg and '\n' not in msg
+
+
+@pytest.mark.parametrize('error', [OSError(errno.ENOSPC, 'No space left on device'),
+                                   RuntimeError('[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0'
+                                                '\nPytorchStreamWriter failed writing file data/0: file write failed')])
+def test_a_full_disk_keeps_the_old_checkpoints_and_says_so(tmp_path, monkeypatch, error):
+    d = str(tmp_path)
+    save_checkpoint(d, step=1, epoch=0, batch=1, config={}, model=nn.Linear(2, 2))
+
+    def full(obj, f):
+        f.write(b'PK\x03\x04 part of it')
+        raise error
+    monkeypatch.setattr(torch, 'save', full)
+    with pytest.raises(SystemExit, match=r'^no space left on device while writing .*0000002\.pt'):
+        save_checkpoint(d, step=2, epoch=0, batch=2, config={}, model=nn.Linear(2, 2))
+    assert sorted(os.listdir(d)) == ['0000001.pt']  # the .tmp is gone, the previous checkpoint stays
 
 
 def test_rng_round_trip(tmp_path):

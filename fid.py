@@ -20,8 +20,8 @@ straight from the zip. Any H = W works: the network resizes to 299 as the TF gra
 Sections: the network, reading images, the metrics, evaluation, the command line.
 """
 import argparse
-import itertools
 import os
+import sys
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from files import NpzImages, center_crop_arr, copy_weights, download, list_images, load_state_dict_file
-from files import write_images_npy
+from files import (NpzImages, center_crop_arr, copy_weights, download, list_images, load_state_dict_file, open_rgb,
+                   write_images_npy)
 from runtime import one_line_errors, set_tf32
 
 # The pytorch-fid port of the 2015-12-05 TF graph that ADM's evaluator runs (566 keys, torchvision layout).
@@ -290,36 +290,58 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        with Image.open(self.files[i]) as im:
-            im = im.convert('RGB')
-            return np.array(center_crop_arr(im, self.crop) if self.crop else im)
+        try:
+            im = open_rgb(self.files[i])
+        except (OSError, ValueError, SyntaxError):  # truncated, corrupt or not an image: skipped and counted
+            return None, i
+        return np.array(center_crop_arr(im, self.crop) if self.crop else im), i
+
+
+def _readable(items):
+    """DataLoader collate: (uint8 batch of the readable images or None, their indices, indices of unreadable)."""
+    good = [(a, i) for a, i in items if a is not None]
+    return np.stack([a for a, _ in good]) if good else None, [i for _, i in good], [i for a, i in items if a is None]
 
 
 class FolderImages:
-    """A folder (searched recursively) of same-size images, decoded in parallel; `crop` applies ADM's centre crop."""
+    """A folder (searched recursively) of same-size images, decoded in parallel; `crop` applies ADM's centre crop.
+
+    Unreadable files are skipped and counted (`skipped`; the first is named on stderr); `indices` are the file
+    indices of the batch last yielded.
+    """
 
     def __init__(self, folder, crop=None, workers=None):
         if not os.path.isdir(folder):
             raise FileNotFoundError(f'{folder}: no such folder')
-        self.files, self.crop = list_images(folder), crop
+        self.files, self.crop, self.skipped, self.indices = list_images(folder), crop, 0, []
         self.workers = min(8, os.cpu_count() or 1) if workers is None else workers
         if crop is None:  # headers only: a size mismatch fails now, not an hour into the run
-            with Image.open(self.files[0]) as im:
-                size = im.size
+            size = None
             for p in self.files:
-                with Image.open(p) as im:
-                    if im.size != size:
-                        raise ValueError(f'{p}: image size {im.size[0]}x{im.size[1]} differs from '
-                                         f'{self.files[0].name} ({size[0]}x{size[1]}); samples must share one size')
+                try:
+                    with Image.open(p) as im:
+                        size = size or (im.size, p)
+                        if im.size != size[0]:
+                            raise ValueError(f'{p}: image size {im.size[0]}x{im.size[1]} differs from '
+                                             f'{size[1].name} ({size[0][0]}x{size[0][1]}); samples must share one size')
+                except (OSError, SyntaxError):
+                    pass  # unreadable: skipped when read
 
     def __len__(self):
         return len(self.files)
 
     def batches(self, batch_size):
         loader = torch.utils.data.DataLoader(_ImageFiles(self.files, self.crop), batch_size=batch_size,
-                                             num_workers=self.workers)
-        for b in loader:
-            yield b.numpy()
+                                             num_workers=self.workers, collate_fn=_readable)
+        for b, self.indices, bad in loader:
+            for i in bad:
+                if not self.skipped:
+                    print(f'warning: {self.files[i]} is unreadable: skipped (and counted)', file=sys.stderr)
+                self.skipped += 1
+            if b is not None:
+                yield b
+        if self.skipped:
+            print(f'{self.skipped} unreadable images skipped in total', file=sys.stderr)
 
 
 def open_images(path, workers=None):
@@ -554,25 +576,35 @@ def write_reference(folder, out, image_size, keep_images=0, model=None, device=N
     """Reference statistics of a folder (e.g. ImageNet val for rFID) after ADM's centre crop to image_size.
 
     Writes mu, sigma, mu_s, sigma_s and, with keep_images > 0, that many cropped images as arr_0 (a fixed random
-    subset, in folder order) for precision/recall. arr_0 streams into the zip: memory stays at one batch.
+    subset of the files, in folder order; unreadable ones are skipped) for precision/recall. The chosen images wait
+    in a memory-mapped temporary file next to `out`: memory stays at one batch.
     """
     src = FolderImages(folder, crop=image_size, workers=workers)
     keep = np.zeros(len(src), bool)
     keep[np.random.RandomState(seed).permutation(len(src))[:keep_images]] = True
     model, batch_size = _setup(model, device, batch_size)
-    feats = [], FeatureStats(), FeatureStats()
-    embedded = _embed(model, src.batches(batch_size), feats, len(src), 'reference', progress)
-    part = f'{out}.part'
-    with zipfile.ZipFile(part, 'w') as zf:
-        if keep.any():  # the chosen images go into arr_0 on their way through the network
-            chosen = (b[keep[i:i + len(b)]] for b, i in zip(embedded, itertools.count(0, batch_size)))
-            write_images_npy(zf, (int(keep.sum()), image_size, image_size, 3), chosen)
-        for _ in embedded:  # without arr_0: only the statistics
-            pass
-        for name, a in zip(('mu', 'sigma', 'mu_s', 'sigma_s'), (*feats[1].mu_sigma(), *feats[2].mu_sigma())):
-            with zf.open(name + '.npy', 'w', force_zip64=True) as f:
-                np.lib.format.write_array(f, a)
-    os.replace(part, out)
+    feats, part, n = ([], FeatureStats(), FeatureStats()), f'{out}.part', 0
+    chosen = np.lib.format.open_memmap(part + '.arr_0', 'w+', np.uint8, (int(keep.sum()), image_size, image_size, 3)) \
+        if keep.any() else None
+    try:
+        for b in _embed(model, src.batches(batch_size), feats, len(src), 'reference', progress):
+            if chosen is not None:  # the chosen images, on their way through the network
+                mine = b[keep[src.indices]]
+                chosen[n:n + len(mine)], n = mine, n + len(mine)
+        if not feats[0]:
+            raise ValueError(f'{folder}: no readable images')
+        with zipfile.ZipFile(part, 'w') as zf:
+            if chosen is not None:
+                write_images_npy(zf, (n, image_size, image_size, 3), (chosen[i:i + 1000] for i in range(0, n, 1000)))
+            for name, a in zip(('mu', 'sigma', 'mu_s', 'sigma_s'), (*feats[1].mu_sigma(), *feats[2].mu_sigma())):
+                with zf.open(name + '.npy', 'w', force_zip64=True) as f:
+                    np.lib.format.write_array(f, a)
+        os.replace(part, out)
+    finally:
+        del chosen
+        for p in (part, part + '.arr_0'):
+            if os.path.exists(p):
+                os.remove(p)
     return out
 
 

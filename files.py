@@ -335,6 +335,19 @@ def list_images(folder):
     return files
 
 
+def open_rgb(path):
+    """An image file as 8-bit RGB. 16-bit and float grey modes are scaled to 8 bits, not clipped (PIL's convert
+    would clip a 16-bit value at 255: near-white). Raises OSError / ValueError for unreadable files."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode.startswith('I') or im.mode == 'F':  # I;16*, I (32-bit int), F (float)
+            a = np.asarray(im, dtype=np.float64)
+            top = 65535 if im.mode.startswith('I;16') or a.max() > 255 else (1 if im.mode == 'F' and a.max() <= 1
+                                                                              else 255)
+            im = Image.fromarray(np.clip(np.round(a * (255 / top)), 0, 255).astype(np.uint8))
+        return im.convert('RGB')
+
+
 def center_crop_arr(pil_image, image_size):
     """ADM's centre crop: halve with BOX while the short side >= 2x, BICUBIC resize the short side, crop."""
     while min(*pil_image.size) >= 2 * image_size:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from files import IMAGE_EXTS, center_crop_arr, published_state_dict
+from files import IMAGE_EXTS, center_crop_arr, open_rgb, published_state_dict
 from rae import ENCODERS, PUBLISHED, Encoder
 from runtime import print0
 
@@ -127,6 +127,10 @@ class ImageFolder(torch.utils.data.Dataset):
                 labels += [label] * len(found)
         if not files:
             raise SystemExit(f'{root}: no images ({", ".join(IMAGE_EXTS)}) in class sub-folders {root}/<class>/')
+        have = set(labels)
+        empty = [c for label, c in enumerate(classes) if label not in have]
+        if empty:  # their labels keep the sorted order, so that released class ids stay valid
+            print0(f'warning: {len(empty)} empty class folders in {root} (labels without images): {", ".join(empty[:5])}')
         # numpy arrays, not lists of str: every worker touching a Python object copies its page (pytorch #13246)
         self.files, self.labels, self.classes = np.array(files), np.array(labels), classes
         self.root, self.image_size, self.crop, self.flip, self.seed = root, image_size, crop, flip, seed
@@ -147,8 +151,7 @@ class ImageFolder(torch.utils.data.Dataset):
         for attempt in range(min(len(self), 100)):
             j = (i + attempt) % len(self)  # an unreadable image is replaced by the next one, deterministically
             try:
-                with Image.open(self.files[j]) as im:
-                    im = im.convert('RGB')
+                im = open_rgb(self.files[j])
                 break
             except (OSError, ValueError, SyntaxError):  # truncated, corrupt or not an image
                 with self._skipped.get_lock():

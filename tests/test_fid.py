@@ -414,6 +414,25 @@ def save_pngs(folder, images):
         Image.fromarray(im).save(folder / f'{i:03d}.png')
 
 
+def test_unreadable_reference_images_are_skipped_counted_and_named(model, tmp_path, capsys):
+    rng = np.random.RandomState(4)
+    raw = [rng.randint(0, 256, (36, 40, 3)).astype(np.uint8) for _ in range(5)]
+    save_pngs(tmp_path / 'val', raw)
+    bad = tmp_path / 'val' / '001.png'
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated by a copy
+    out = fid.write_reference(tmp_path / 'val', tmp_path / 'ref.npz', 32, keep_images=5, model=model,
+                              batch_size=2, workers=0, progress=False)
+    err = capsys.readouterr().err
+    assert '001.png is unreadable' in err and '1 unreadable images skipped' in err
+    crops = np.stack([np.array(center_crop_arr(Image.fromarray(raw[i]), 32)) for i in (0, 2, 3, 4)])
+    with torch.no_grad():
+        p = model(torch.from_numpy(crops).permute(0, 3, 1, 2))[0]
+    with np.load(out) as f:
+        assert np.array_equal(f['arr_0'], crops)  # the four readable images, in folder order
+        assert np.allclose(f['mu'], p.double().mean(0).numpy(), rtol=0, atol=1e-5 * p.abs().max().item())
+    assert sorted(q.name for q in tmp_path.iterdir()) == ['ref.npz', 'val']  # no .part, no temporary images
+
+
 def test_streaming_equals_in_memory(model, tmp_path):
     images = np.random.RandomState(0).randint(0, 256, (3, 40, 40, 3)).astype(np.uint8)
     np.savez(tmp_path / 's.npz', arr_0=images, arr_1=np.arange(3))

@@ -168,6 +168,28 @@ def test_corrupt_images_skipped_and_counted(tmp_path):
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
 
 
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    root = tmp_path / 'data' / 'a'
+    root.mkdir(parents=True)
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(root / 'grey16.png')  # I;16 at half scale
+    Image.fromarray(np.full((16, 16), 0.25, np.float32)).save(root / 'float.tiff')  # F in [0, 1]
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(root / 'rgb.png')
+    ds = ImageFolder(str(tmp_path / 'data'), 16)
+    means = {os.path.basename(f): ds[i][0].mean().item() for i, f in enumerate(ds.files)}
+    assert means['grey16.png'] == pytest.approx(128 / 255, abs=1e-6)  # not 255: PIL's convert would clip
+    assert means['float.tiff'] == pytest.approx(64 / 255, abs=1e-6)
+    assert means['rgb.png'] == pytest.approx(200 / 255, abs=1e-6)
+
+
+def test_empty_class_folders_warn_and_keep_their_labels(tmp_path, capsys):
+    root = write_folder(tmp_path / 'data', classes=('a', 'c'))
+    (root / 'b').mkdir()
+    ds = ImageFolder(str(root), 16)
+    assert ds.classes == ['a', 'b', 'c'] and sorted(set(ds.labels.tolist())) == [0, 2]
+    out = capsys.readouterr().out
+    assert 'empty class folders' in out and out.rstrip().endswith(': b')  # named, in one line
+
+
 def test_missing_or_empty_folder(tmp_path):
     with pytest.raises(SystemExit, match='no such image folder'):
         ImageFolder(str(tmp_path / 'nope'), 16)

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from files import save_grid, to_uint8
 from rae import RAE, Decoder, build_dit, decoder_arch, flow_loss, guided_velocity, sample_ode, shift_alpha, step_draws
 from runtime import cleanup_ddp, one_line_errors, print0, rank0_first, set_tf32, setup_ddp
-from training import (ImageFolder, configure, lr_linear_decay, make_ema, make_loader, resume, save_checkpoint,
+from training import (ImageFolder, check_config, configure, lr_linear_decay, make_ema, make_loader, resume, save_checkpoint,
                       start_log, unreadable, update_ema, write_toy_encoder)
 
 _imported = set(globals())  # the config is what the block below defines
@@ -84,6 +84,7 @@ grad_clip = 1.0                     # clip the global gradient norm (0: off)
 ema_decay = 0.9995
 # system
 device = None                       # None: CUDA when available; 'cpu'
+ddp_timeout = 10                    # minutes a rank waits for the others before the job ends naming the rank
 precision = 'bf16'                  # 'bf16' autocast or 'fp32' (TF32 matmuls on a GPU either way)
 compile = True                      # torch.compile the training forward (the EMA copy stays eager)
 global_seed = 0
@@ -268,12 +269,23 @@ def online_fid(ema, rae, n, reference, latent_shape, alpha, num_steps, ctx, seed
 def main(argv):
     config = configure(_DEFAULTS, argv)
     globals().update(config)
-    rank, local_rank, world_size, dev, is_master = setup_ddp(device)
-    for key, value, allowed in [('mode', mode, ('train', 'stats', 'cache')), ('precision', precision, ('bf16', 'fp32')),
-                                ('cache_dtype', cache_dtype, ('float16', 'float32')),
-                                ('time_dist', time_dist, ('logit-normal', 'uniform'))]:
-        if value not in allowed:
-            raise SystemExit(f'{key}={value!r}: choose one of {", ".join(allowed)}')
+    check_config(config, choices=dict(mode=('train', 'stats', 'cache'), precision=('bf16', 'fp32'),
+                                      cache_dtype=('float16', 'float32'), time_dist=('logit-normal', 'uniform')),
+                 types=dict(max_steps=int, shift=(int, float), latent_cache=str, encoder_weights=str, decoder=str,
+                            encoder_overrides=dict, stats=(str, bool), device=str, hidden_size=(int, tuple, list),
+                            depth=(int, tuple, list), num_heads=(int, tuple, list)),
+                 positive=('global_batch', 'grad_accum', 'epochs', 'max_steps', 'lr', 'image_size', 'num_classes',
+                           'sample_steps', 'fid_samples', 'shift', 'ddp_timeout'),
+                 non_negative=('lr_final', 'weight_decay', 'grad_clip', 'workers', 'log_every', 'sample_every',
+                               'fid_every', 'ckpt_every', 'ckpt_keep', 'lr_decay_start', 'lr_decay_end'),
+                 fractions=('ema_decay', 'class_dropout'))
+    if hidden_size is not None:  # a size outside the presets: pairs (backbone, head) for DiT^DH, ints otherwise
+        pair = model == 'DiTDH'
+        for key, value in [('hidden_size', hidden_size), ('depth', depth), ('num_heads', num_heads)]:
+            if (isinstance(value, (tuple, list)) and len(value) == 2) != pair or value is None:
+                raise SystemExit(f'{key}={value!r}: model={model!r} with hidden_size set takes '
+                                 f'{"(backbone, head) pairs" if pair else "ints"} for hidden_size, depth and num_heads')
+    rank, local_rank, world_size, dev, is_master = setup_ddp(device, ddp_timeout)
     if global_batch % (world_size * grad_accum):
         raise SystemExit(f'global_batch={global_batch} is not divisible by {world_size} ranks x '
                          f'grad_accum={grad_accum}')
@@ -358,6 +370,8 @@ def main(argv):
         # another number of ranks or accumulation steps goes on exactly: the draws do not depend on the split
         step, epoch, batch = c['step'], c['epoch'], c['batch'] // c['config']['grad_accum'] * grad_accum
         log(f'resumed from {c["path"]}: step {step}, epoch {epoch}, batch {batch}')
+    if step >= total_steps:
+        raise SystemExit(f'nothing to train: {out_dir} is at step {step} of {total_steps} (raise max_steps or epochs)')
     ddp = DDP(dit, device_ids=[local_rank] if dev.type == 'cuda' else None, broadcast_buffers=False) \
         if world_size > 1 else dit
     net = torch.compile(ddp) if compile else ddp  # compiled DDP: dynamo splits the graph at the gradient buckets

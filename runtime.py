@@ -3,6 +3,7 @@ How every script runs: one process per GPU under torchrun (gloo on CPU), rank 0 
 errors in one line, TF32 on or off.
 """
 import contextlib
+import datetime
 import os
 
 import torch
@@ -14,9 +15,10 @@ def print0(*args, **kwargs):
         print(*args, **kwargs)
 
 
-def setup_ddp(device=None):
+def setup_ddp(device=None, timeout_minutes=10):
     """-> (rank, local_rank, world_size, device, is_master). device None: CUDA when available; 'cpu' forces CPU.
-    Under torchrun (RANK in the environment) each rank gets cuda:LOCAL_RANK and joins the process group."""
+    Under torchrun (RANK in the environment) each rank gets cuda:LOCAL_RANK and joins the process group; a rank
+    that waits longer than timeout_minutes for another (hung, not dead) ends the job with an error naming it."""
     if device not in (None, 'cpu', 'cuda'):
         raise SystemExit(f"device={device!r}: expected 'cuda' or 'cpu' (torchrun gives each rank cuda:LOCAL_RANK)")
     if device == 'cuda' and not torch.cuda.is_available():
@@ -28,7 +30,7 @@ def setup_ddp(device=None):
     device = torch.device(f'cuda:{local_rank}' if cuda else 'cpu')
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if cuda else 'gloo')
+    dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, local_rank, world_size, device, rank == 0
 
 

@@ -97,6 +97,24 @@ def configure(defaults, argv):
     return config
 
 
+def check_config(config, choices=None, types=None, positive=(), non_negative=(), fractions=()):
+    """The value checks of a script's config, each a one-line error naming the key: choices {key: allowed},
+    types {key: type(s)} for keys whose default is None (None stays allowed), positive (> 0; None skipped),
+    non_negative (>= 0), fractions (0 <= value < 1)."""
+    for key, allowed in (choices or {}).items():
+        if config[key] not in allowed:
+            raise SystemExit(f'{key}={config[key]!r}: choose one of {", ".join(map(str, allowed))}')
+    for key, kinds in (types or {}).items():
+        value, kinds = config[key], kinds if isinstance(kinds, tuple) else (kinds,)
+        if value is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            raise SystemExit(f'{key}={value!r}: expected {" or ".join(k.__name__ for k in kinds)} (or None)')
+    for keys, ok, words in [(positive, lambda v: v > 0, '> 0'), (non_negative, lambda v: v >= 0, '>= 0'),
+                            (fractions, lambda v: 0 <= v < 1, 'in [0, 1)')]:
+        for key in keys:
+            if config[key] is not None and not ok(config[key]):  # nan fails every comparison
+                raise SystemExit(f'{key}={config[key]!r}: must be {words}')
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Image folder: root/<class>/<image>, labels in sorted class order (torchvision's ImageFolder), PIL + numpy
 

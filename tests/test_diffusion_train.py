@@ -103,6 +103,16 @@ def test_config_errors_and_types(toy, tmp_path):
         run(args(toy, tmp_path / 'b16', max_steps=2, global_batch=8))
     with pytest.raises(SystemExit, match='num_classes=3, but the data has 4 classes'):
         run(args(toy, tmp_path, num_classes=3, sample_classes=(0,)))
+    with pytest.raises(SystemExit, match='nothing to train: .* at step 1 of 1'):  # a finished run, started again
+        run(args(toy, tmp_path / 'b16', max_steps=1))
+    for bad, message in [(dict(max_steps='abc'), "max_steps='abc': expected int"), (dict(max_steps=-5), 'must be > 0'),
+                         (dict(epochs=0), 'epochs=0: must be > 0'), (dict(global_batch=0), 'global_batch=0: must be'),
+                         (dict(grad_accum=0), 'grad_accum=0: must be > 0'), (dict(lr=-1.0), 'lr=-1.0: must be > 0'),
+                         (dict(ema_decay=2.0), r'ema_decay=2.0: must be in \[0, 1\)'),
+                         (dict(model='DiTDH', hidden_size=64), r'hidden_size=64: .*\(backbone, head\) pairs')]:
+        with pytest.raises(SystemExit, match=message) as e:  # one line, before any work
+            run(args(toy, tmp_path / 'bad', **bad))
+        assert '\n' not in str(e.value)
     c = configure(dt._DEFAULTS, [TINY, '--lr=1', '--max_steps=7', '--hidden_size=None'])
     assert c['lr'] == 1.0 and type(c['lr']) is float  # int -> float allowed
     assert c['max_steps'] == 7 and c['hidden_size'] is None and c['depth'] == (2, 1)  # None defaults take values

@@ -12,17 +12,16 @@ trained with a hinge loss; lambda balances the two gradients at the decoder's la
     python decoder_train.py configs/decoder_tiny.py                                   # CPU, no network, ~10 s
     python decoder_train.py configs/decoder_tiny.py --mode=reconstruct --image=photo.jpg   # crop | recon -> recon.png
     python decoder_train.py configs/decoder_xl.py --mode=eval --decoder=released --val_path=/data/imagenet/val \
-        --rfid_reference=val256.npz                         # PSNR and rFID (reference: python fid.py --write-ref)
+        --rfid_reference=val256.npz                         # PSNR and rFID (statistics: python fid.py --write-ref)
 
-Reading order: LPIPS, the DINO discriminator, DiffAug, the losses, then the training script (its defaults, the
-two update steps, evaluation, main).
+Reading order: the config (every key the script reads), LPIPS, the DINO discriminator, DiffAug, the losses, the
+two update steps, evaluation, main.
 """
 import math
 import os
 import sys
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -30,21 +29,78 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
 
 import fid
 import rae
-from training import (ImageFolder, cleanup_ddp, configure, latest_checkpoint, load_checkpoint, lr_warmup_cosine,
-                      make_ema, make_loader, one_line_errors, print0, rank0_first, save_checkpoint, setup_ddp,
-                      start_log, unreadable, unwrap, update_ema, write_toy_dinov2)
+from files import center_crop_arr, download, load_state_dict_file, open_rgb, save_grid, to_uint8
+from runtime import barrier, cleanup_ddp, one_line_errors, print0, rank0_first, set_tf32, setup_ddp
+from training import (ImageFolder, configure, latest_checkpoint, lr_warmup_cosine, make_ema, make_loader, resume,
+                      save_checkpoint, start_log, unreadable, unwrap, update_ema, write_toy_encoder)
+
+_imported = set(globals())  # the config is what the block below defines
+# -----------------------------------------------------------------------------------------------------------
+# The config. Defaults: the recipe of the released decoders (DINOv2-B, ViT-XL decoder, 256 px, 16 epochs;
+# configs/decoder_xl.py). Config files are executed over them, then --key=value overrides; main() reads them,
+# the functions below get what they need as arguments. A run resumes from its newest checkpoint.
+# I/O
+out_dir = 'runs/decoder'            # log.txt and checkpoints/<step>.pt
+mode = 'train'                      # 'train'; 'eval': PSNR + rFID of a decoder; 'reconstruct': one image file
+data_path = 'data/imagenet/train'   # ImageNet-style folder root/<class>/<image>
+val_path = None                     # images for PSNR and rFID after the ADM centre crop (ImageNet val); None: no eval
+rfid_reference = None               # fid.py statistics of those crops: python fid.py --write-ref REF.npz VAL_PATH
+eval_every = 0                      # steps between evaluations of the EMA decoder (0: at the end of training only)
+eval_images = 0                     # the first N images of val_path in sorted order (0: all)
+image = None                        # mode='reconstruct': an image file; writes recon_out = centre crop | reconstruction
+recon_out = 'recon.png'             # where mode='reconstruct' writes
+decoder = None                      # for eval/reconstruct: a checkpoint or decoder file, 'released'; None: newest
+toy = False                         # True: first write random-weight stand-ins for missing weight files, and toy images
+# the autoencoder
+encoder = 'dinov2-b'                # rae.ENCODERS: dinov2-s/b/l, siglip2-b, mae-b (frozen)
+encoder_weights = None              # a local file in the published layout; None downloads it
+encoder_overrides = None            # preset changes, e.g. dict(width=32, depth=2, ...) for a tiny random file
+decoder_size = 'XL'                 # rae.DECODERS: B, L, XL
+decoder_arch = None                 # dict(width=, depth=, heads=, mlp_hidden=) instead of a preset
+decoder_patch = 16                  # p_d: image_size / p_d tokens a side; 32 decodes 16 x 16 tokens to 512 px (§6.1)
+image_size = 256                    # random crops of a 1.5x short-side resize (384 px at 256), no flips
+noise_tau = 0.8                     # z + sigma eps, sigma ~ tau U(0, 1) per image, in training steps only (§4.3)
+# losses (App. E.2)
+perceptual_weight = 1.0             # LPIPS from the first step
+disc_weight = 0.75                  # w_G, times the adaptive lambda
+disc_start_epoch = 8                # the GAN loss joins the decoder's objective from this epoch ...
+disc_update_start_epoch = 6         # ... and the discriminator trains from this one
+lpips_weights = None                # (torchvision VGG16 file, LPIPS heads file); None downloads both
+disc_weights = None                 # the DINO ViT-S/8 backbone file; None downloads the published one
+disc_overrides = None               # preset changes for that backbone (tiny stand-ins)
+disc_key_depths = (2, 5, 8, 11)     # blocks whose tokens get a head, besides the last output
+# optimisation: AdamW for the decoder and the discriminator heads alike
+global_batch = 512                  # over all ranks (64 per GPU on 8)
+epochs = 16                         # App. E.2; 2502 steps each at batch 512
+lr = 2e-4                           # linear from 0 over warmup_epochs, then cosine to lr_final at epoch lr_decay_end
+lr_final = 2e-5
+warmup_epochs = 1
+lr_decay_end = 16                   # the epoch the cosine reaches lr_final
+betas = (0.9, 0.95)                 # as the released decoders were trained (an earlier recipe had (0.5, 0.9))
+weight_decay = 0.0
+ema_decay = 0.9978                  # per step, no warm-up
+# system
+device = None                       # None: CUDA when available; 'cpu'
+precision = 'bf16'                  # 'bf16' autocast or 'fp32' (TF32 matmuls on a GPU either way)
+compile = True                      # torch.compile the RAE, LPIPS and the discriminator's backbone, after the EMA copy
+global_seed = 0                     # model init; rank r draws from global_seed * world + r
+workers = 8                         # data loader processes per rank
+log_every = 100                     # steps between log lines (means over ranks and steps)
+ckpt_every = 0                      # steps between checkpoints, besides the one closing every epoch (0: those only)
+ckpt_keep = 3                       # checkpoints kept (the newest)
+_DEFAULTS = {k: v for k, v in globals().items() if k not in _imported}
 
 # -----------------------------------------------------------------------------------------------------------
 # LPIPS (Zhang et al. 2018): a perceptual distance from a frozen VGG16 with learned per-channel weights
 
 VGG16_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'  # torchvision's ImageNet VGG16
 VGG16_SHA256_PREFIX = '397923af'  # torchvision names its files after the first 8 hex digits of their sha256
-LPIPS_URL = 'https://heibox.uni-heidelberg.de/f/607503859c864bc1b30b/?dl=1'  # LPIPS v0.1 heads (taming vgg.pth)
+LPIPS_URL = 'https://heibox.uni-heidelberg.de/f/607503859c864bc1b30b/?dl=1'  # LPIPS v0.1 heads (vgg.pth)
 LPIPS_MD5 = 'd507d7349b931f0638a25a48a722f98a'
 VGG16_STAGES = (2, 2, 3, 3, 3)  # 3x3 convolutions per stage; LPIPS taps the last ReLU of every stage
 
@@ -101,7 +157,7 @@ class LPIPS(nn.Module):
         for key in [k for k in state_dict if k.startswith(prefix)]:
             name = key[len(prefix):]
             parts = name.split('.')
-            if name.startswith('net.slice'):  # official slices re-index VGG layers from 0: net.slice2.1 = features.5
+            if name.startswith('net.slice'):  # published slices re-index VGG layers from 0: net.slice2.1 = features.5
                 new = f'features.{offsets[int(parts[1][5:]) - 1] + int(parts[2])}.{parts[3]}'
             elif name.startswith('lin') and parts[1:3] == ['model', '1']:  # Dropout at index 0 holds nothing
                 new = f'lins.{parts[0][3:]}.{parts[3]}'
@@ -117,11 +173,9 @@ class LPIPS(nn.Module):
     @classmethod
     def from_pretrained(cls, vgg_weights=None, lin_weights=None):
         """The published LPIPS-VGG; each file is downloaded (and checksummed) unless a local path is given."""
-        if vgg_weights is None:
-            vgg_weights = rae.download(VGG16_URL, sha256=VGG16_SHA256_PREFIX)
-        if lin_weights is None:
-            lin_weights = rae.download(LPIPS_URL, filename='lpips/vgg.pth', md5=LPIPS_MD5)
-        vgg, lin = rae.load_state_dict_file(vgg_weights), rae.load_state_dict_file(lin_weights)
+        vgg_weights = vgg_weights or download(VGG16_URL, sha256=VGG16_SHA256_PREFIX)
+        lin_weights = lin_weights or download(LPIPS_URL, filename='lpips/vgg.pth', md5=LPIPS_MD5)
+        vgg, lin = load_state_dict_file(vgg_weights), load_state_dict_file(lin_weights)
         first_convs = [f'features.{i}.weight' for i in (0, 5, 10, 17, 24)]  # fix the width of each stage
         if not all(k in vgg for k in first_convs):
             raise ValueError(f'{vgg_weights}: not torchvision VGG16 weights (no features.N.weight keys)')
@@ -144,7 +198,7 @@ class SNConv1d(nn.Module):
 
     def __init__(self, c_in, c_out, kernel_size=1):
         super().__init__()
-        self.bias = nn.Parameter(torch.empty(c_out))  # bias first: the reference's state_dict order
+        self.bias = nn.Parameter(torch.empty(c_out))  # bias first: the key order of published discriminator files
         self.weight_orig = nn.Parameter(torch.empty(c_out, c_in, kernel_size))
         nn.init.kaiming_uniform_(self.weight_orig, a=math.sqrt(5))  # nn.Conv1d's default initialisation
         nn.init.uniform_(self.bias, -1 / math.sqrt(c_in * kernel_size), 1 / math.sqrt(c_in * kernel_size))
@@ -160,8 +214,7 @@ class SNConv1d(nn.Module):
                 self.weight_u.copy_(F.normalize(torch.mv(W, self.weight_v), dim=0, eps=1e-12))
         # clones: u, v are saved for backward, and the next training forward updates the buffers in place
         u, v = self.weight_u.clone(), self.weight_v.clone()
-        sigma = torch.dot(u, torch.mv(W, v))
-        return self.weight_orig / sigma
+        return self.weight_orig / torch.dot(u, torch.mv(W, v))  # / sigma
 
     def forward(self, x):  # (B, c_in, N) -> (B, c_out, N)
         k = self.weight_orig.shape[-1]
@@ -175,10 +228,9 @@ class BatchNormLocal(nn.Module):
     def __init__(self, channels, eps=1e-6):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
+        self.weight, self.bias = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
 
-    def forward(self, x):  # (B, C, N); statistics in fp32 even under autocast, as the reference
+    def forward(self, x):  # (B, C, N); statistics in fp32, even under autocast
         x = x.float()
         mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
         return (x - mean) / torch.sqrt(var + self.eps) * self.weight[:, None] + self.bias[:, None]
@@ -205,25 +257,22 @@ def disc_head(width, kernel_size):
 class Discriminator(nn.Module):
     """Frozen DINO ViT features after a few blocks (and the last), each scored per token by a trainable head.
 
-    Paper App. E.2 says standard batch norm; the released code normalises per sample (BatchNormLocal), as here.
-    Only the heads are parameters, so state_dict() is heads only (the reference's key names) and the backbone
-    can never train. NOTE for the training loop: the reference's D step calls the unwrapped discriminator, so its
-    gradients are not all-reduced across ranks (each rank trains its own D); ours must go through the DDP wrapper.
-    """
+    The heads normalise per sample (BatchNormLocal), not over the batch (README: differences). Only the heads are
+    parameters, so state_dict() is heads only (the published files' key names) and the backbone can never train."""
 
     def __init__(self, dino, key_depths=(2, 5, 8, 11), kernel_size=9):
         super().__init__()
         if not all(0 <= d < len(dino.blocks) for d in key_depths):
             raise ValueError(f'key_depths {tuple(key_depths)} outside the backbone\'s {len(dino.blocks)} blocks')
         dino = dino.eval().requires_grad_(False)
-        with torch.no_grad():  # the reference zeroes every key bias; softmax ignores it (it adds q.b_k to a whole row)
+        with torch.no_grad():  # key biases zeroed, as in training; softmax ignores them (q.b_k: one constant a row)
             for block in dino.blocks:
                 width = block.attn.qkv.bias.shape[0] // 3
                 block.attn.qkv.bias[width:2 * width] = 0
         self._dino = [dino]  # in a list, not a submodule: no backbone in parameters(), state_dict() or DDP
         self.key_depths = tuple(key_depths)
         width = dino.patch_embed.out_channels
-        self.heads = nn.ModuleList(disc_head(width, kernel_size) for _ in range(len(key_depths) + 1))
+        self.heads = nn.ModuleList(disc_head(width, kernel_size) for _ in range(len(key_depths) + 1))  # + the last
 
     @property
     def dino(self):
@@ -262,14 +311,12 @@ class Discriminator(nn.Module):
 # DiffAugment (Zhao et al. 2020), the StyleGAN-T variant: applied to real and fake images before D
 
 def diffaug(x, translation=0.125, brightness=0.5, saturation=1.0, contrast=0.5):
-    """Random per-sample translation (up to translation * size, zero fill), brightness + U(-b, b),
-    saturation x U(1-s, 1+s) around the channel mean, contrast x U(1-c, 1+c) around the image mean.
-
-    Draws follow the reference exactly (3 coins on the CPU generator, then U(0,1) [7, B] on x's device), so a
-    seeded call reproduces it bitwise; rows 5, 6 are its cutout offsets (cutout is off in RAE's config).
-    """
+    """Random per-sample translation (up to translation * size, zero fill), brightness + U(-b, b), saturation
+    x U(1-s, 1+s) around the channel mean, contrast x U(1-c, 1+c) around the image mean. The draws (3 on/off coins
+    on the CPU generator, then U(0,1) [7, B] on x's device; rows 5, 6 would place a cutout, which is off) are part
+    of the contract: a seeded call matches the golden DiffAug vectors bitwise."""
     x = x.float()
-    torch.rand(3)  # the reference's on/off coins per op; with probability 1 all are on, but they advance the RNG
+    torch.rand(3)  # one coin per op; all are on with probability 1, but they advance the RNG
     B, _, H, W = x.shape
     r = torch.rand(7, B, 1, 1, device=x.device)
     dh, dw = round(translation * H), round(translation * W)
@@ -314,8 +361,7 @@ def adaptive_weight(g_rec, g_gan, recon, last_layer, max_weight=1e4):
 
     g_rec, g_gan: the two losses' gradients at the reconstruction; from there to W is the last layer alone, where
     differentiating the losses again would run LPIPS and D backward a second time. Norms in fp32 whatever the
-    autocast state (the reference computed lambda inside autocast until its PR #43).
-    """
+    autocast state (README: differences)."""
     w_rec, = torch.autograd.grad(recon, last_layer, g_rec, retain_graph=True)
     w_gan, = torch.autograd.grad(recon, last_layer, g_gan, retain_graph=True)
     return (w_rec.float().norm() / (w_gan.float().norm() + 1e-6)).clamp(0, max_weight).detach()
@@ -323,16 +369,13 @@ def adaptive_weight(g_rec, g_gan, recon, last_layer, max_weight=1e4):
 
 def decoder_loss(recon, images, lpips, disc=None, last_layer=None, perceptual_weight=1.0, disc_weight=0.75,
                  augment=diffaug):
-    """The decoder's objective: L1 + w_P LPIPS, plus w_G lambda GAN once disc is given -> (loss, logs).
-
-    disc should be in eval mode here (no power iteration, as in the reference's G step).
-    """
+    """The decoder's objective: L1 + w_P LPIPS, plus w_G lambda GAN once disc (eval mode) is given -> (loss, logs)."""
     rec, l1, perceptual = recon_loss(recon, images, lpips, perceptual_weight)
     logs = {'l1': l1.detach(), 'lpips': perceptual.detach()}
     if disc is None:
         return rec, logs
     gan = generator_loss(disc(augment(recon * 2 - 1)))
-    with torch.autocast(recon.device.type, enabled=False):  # lambda outside autocast (the reference's PR #43 fix)
+    with torch.autocast(recon.device.type, enabled=False):  # lambda outside autocast (README: differences)
         g_rec, = torch.autograd.grad(rec, recon, retain_graph=True)  # LPIPS backward, once
         g_gan, = torch.autograd.grad(gan, recon, retain_graph=True)  # D backward, once
         weight = adaptive_weight(g_rec, g_gan, recon, last_layer)
@@ -344,96 +387,45 @@ def decoder_loss(recon, images, lpips, disc=None, last_layer=None, perceptual_we
     return (rec + disc_weight * weight * gan).detach() + surrogate - surrogate.detach(), logs
 
 
-def to_8bit(x):
-    """Fake images as the discriminator sees them: clamped to [-1, 1] and rounded to 8 bits, like a saved PNG."""
+def quantize_8bit(x):
+    """Fakes as D sees them: clamped to [-1, 1] and rounded to a saved PNG's 256 levels, still floats in [-1, 1]."""
     return torch.round((x.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
 
 
-_imported = set(globals())  # the config is what the block below defines
-# -----------------------------------------------------------------------------------------------------------
-# The script. Defaults: the released recipe (DINOv2-B, ViT-XL decoder, 256 px, 16 epochs; configs/decoder_xl.py).
-# Config files are executed over them, then --key=value overrides; a run resumes from its newest checkpoint.
-# I/O
-out_dir = 'runs/decoder'            # log.txt and checkpoints/<step>.pt
-mode = 'train'                      # 'train'; 'eval': PSNR + rFID of a decoder; 'reconstruct': one image file
-data_path = 'data/imagenet/train'   # ImageNet-style folder root/<class>/<image>
-val_path = None                     # images for PSNR and rFID after the ADM centre crop (ImageNet val); None: no eval
-rfid_reference = None               # fid.py statistics of those crops: python fid.py --write-ref REF.npz VAL_PATH
-eval_every = 0                      # steps between evaluations of the EMA decoder (0: at the end of training only)
-eval_images = 0                     # the first N images of val_path in sorted order (0: all)
-image = None                        # mode='reconstruct': an image file; writes recon_out = centre crop | reconstruction
-recon_out = 'recon.png'             # where mode='reconstruct' writes
-decoder = None                      # for eval/reconstruct: a checkpoint or decoder file, 'released'; None: newest
-toy = False                         # True: first write random-weight stand-ins for missing weight files, and toy images
-# the autoencoder
-encoder = 'dinov2-b'                # rae.ENCODERS: dinov2-s/b/l, siglip2-b, mae-b (frozen)
-encoder_weights = None              # a local file in the published layout; None downloads it
-encoder_overrides = None            # preset changes, e.g. dict(width=32, depth=2, ...) for a tiny random file
-decoder_size = 'XL'                 # rae.DECODERS: B, L, XL
-decoder_arch = None                 # dict(width=, depth=, heads=, mlp_hidden=) instead of a preset
-decoder_patch = 16                  # p_d: image_size / p_d tokens a side; 32 decodes 16 x 16 tokens to 512 px (§6.1)
-image_size = 256                    # random crops of a 1.5x short-side resize (384 px at 256), no flips
-noise_tau = 0.8                     # z + sigma eps, sigma ~ tau U(0, 1) per image, in training steps only (§4.3)
-# losses (App. E.2)
-perceptual_weight = 1.0             # LPIPS from the first step
-disc_weight = 0.75                  # w_G, times the adaptive lambda
-disc_start_epoch = 8                # the GAN loss joins the decoder's objective from this epoch ...
-disc_update_start_epoch = 6         # ... and the discriminator trains from this one
-lpips_weights = None                # (torchvision VGG16 file, LPIPS heads file); None downloads both
-disc_weights = None                 # the DINO ViT-S/8 backbone file; None downloads the authors' copy
-disc_overrides = None               # preset changes for that backbone (tiny stand-ins)
-disc_key_depths = (2, 5, 8, 11)     # blocks whose tokens get a head, besides the last output
-# optimisation: AdamW for the decoder and the discriminator heads alike
-global_batch = 512                  # over all ranks (64 per GPU on 8)
-epochs = 16                         # App. E.2; 2502 steps each at batch 512
-lr = 2e-4                           # linear from 0 over warmup_epochs, then cosine to lr_final at epoch lr_decay_end
-lr_final = 2e-5
-warmup_epochs = 1
-lr_decay_end = 16                   # the epoch the cosine reaches lr_final
-betas = (0.9, 0.95)                 # the released GPU recipe; the paper-era one had (0.5, 0.9)
-weight_decay = 0.0
-ema_decay = 0.9978                  # per step, no warm-up
-# system
-device = None                       # None: CUDA when available; 'cpu'
-precision = 'bf16'                  # 'bf16' autocast or 'fp32' (TF32 matmuls on a GPU either way)
-compile = True                      # torch.compile the RAE, LPIPS and the discriminator's backbone, after the EMA copy
-global_seed = 0                     # model init; rank r draws from global_seed * world + r
-workers = 8                         # data loader processes per rank
-log_every = 100                     # steps between log lines (means over ranks and steps)
-ckpt_every = 0                      # steps between checkpoints, besides the one closing every epoch (0: those only)
-ckpt_keep = 3                       # checkpoints kept (the newest)
-_DEFAULTS = {k: v for k, v in globals().items() if k not in _imported}
-
-
 def psnr(x, y):
-    """Per-image PSNR [B] in dB of images in [0, 1]: 10 log10(1 / MSE), MSE floored at 1e-10 as the reference."""
+    """Per-image PSNR [B] in dB of images in [0, 1]: 10 log10(1 / MSE), MSE floored at 1e-10 (100 dB)."""
     mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(1 / mse.clamp_min(1e-10))
 
 
-def generator_step(ddp_model, lpips, disc, opt, images, use_gan, ctx):
-    """One decoder update on noise-augmented latents: L1 + LPIPS, plus the lambda-weighted GAN loss once use_gan."""
+# -----------------------------------------------------------------------------------------------------------
+# The two update steps: no host sync in either (the logs stay tensors until a log step)
+
+def generator_step(model, lpips, disc, opt, images, use_gan, ctx, perceptual_weight=1.0, disc_weight=0.75):
+    """One decoder update on noise-augmented latents: L1 + LPIPS, plus the lambda-weighted GAN loss once use_gan.
+    model: the RAE as trained (compiled, DDP-wrapped or plain); disc: the plain discriminator."""
     disc.eval().requires_grad_(False)  # a fixed critic here: stored spectral norms, no gradients into the heads
     with ctx:
-        recon = ddp_model(images)  # train mode: encode, add noise, decode
+        recon = model(images)  # train mode: encode, add noise, decode
         loss, logs = decoder_loss(recon.float(), images, lpips, disc if use_gan else None,
-                                  unwrap(ddp_model).decoder.pred.weight, perceptual_weight, disc_weight)
+                                  unwrap(model).decoder.pred.weight, perceptual_weight, disc_weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return dict(logs, loss=loss.detach())
 
 
-def discriminator_step(model, ddp_disc, opt_d, images, ctx):
-    """One hinge update of the heads on fresh reconstructions made without latent noise, quantised to 8 bits."""
-    model.eval()  # no noise augmentation (the reference re-decodes in eval mode since its PR #43)
+def discriminator_step(model, disc, opt_d, images, ctx):
+    """One hinge update of the heads on fresh reconstructions made without latent noise, quantised to 8 bits.
+    disc: the discriminator as trained, through its DDP wrapper on several ranks (README: differences)."""
+    model.eval()  # no noise augmentation
     with torch.no_grad(), ctx:
-        fake = to_8bit(model(images).float() * 2 - 1)
+        fake = quantize_8bit(model(images).float() * 2 - 1)
     model.train()
-    unwrap(ddp_disc).train().requires_grad_(True)  # train mode: one power iteration per forward, as the reference
-    with ctx:  # through the DDP wrapper: the reference called the bare module, so its ranks never synced D
-        logits_fake = ddp_disc(diffaug(fake))
-        logits_real = ddp_disc(diffaug(images * 2 - 1))
+    unwrap(disc).train().requires_grad_(True)  # train mode: one power iteration per forward
+    with ctx:
+        logits_fake = disc(diffaug(fake))
+        logits_real = disc(diffaug(images * 2 - 1))
     loss = discriminator_loss(logits_real, logits_fake)
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
@@ -442,13 +434,11 @@ def discriminator_step(model, ddp_disc, opt_d, images, ctx):
 
 
 @torch.no_grad()
-def evaluate(model, folder, n=0, reference=None, inception=None, batch_size=32):
-    """({'PSNR': mean per-image dB, 'rFID': ...}, images) of model's reconstructions of the ADM centre crops of folder.
-
-    Reconstructions are rounded to 8 bits as saved PNGs. rFID compares them with `reference`, statistics of the same
-    crops (fid.py --write-ref): not a generation reference batch, which the authors' users mixed up (their #11).
-    Ranks split the images; rank 0 runs Inception on all the reconstructions, gathered batch by batch.
-    """
+def evaluate(model, folder, image_size, n=0, reference=None, inception=None, batch_size=32, workers=0):
+    """({'PSNR': mean per-image dB, 'rFID': ...}, images) of model's 8-bit reconstructions of the image_size ADM
+    centre crops of folder (the first n sorted; 0: all; read by min(workers, 4) processes). rFID compares them with
+    `reference`, statistics of the same crops (fid.py --write-ref), not of a generation reference batch (README:
+    differences). Ranks split the images; rank 0 runs Inception on all reconstructions, gathered batch by batch."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     dev = next(model.parameters()).device
     src = fid.FolderImages(folder, crop=image_size, workers=min(workers, 4))
@@ -459,7 +449,7 @@ def evaluate(model, folder, n=0, reference=None, inception=None, batch_size=32):
     def batches():
         for b in src.batches(batch_size):
             x = torch.from_numpy(b).to(dev).permute(0, 3, 1, 2).float() / 255
-            y = rae.to_uint8(model(x)).contiguous()  # rounded, not truncated (facts §13.9)
+            y = to_uint8(model(x)).contiguous()  # rounded, not truncated (README: differences)
             total.add_(torch.stack([psnr(y.permute(0, 3, 1, 2).float() / 255, x).sum(),
                                     torch.tensor(len(x), device=dev)]))
             if world > 1:
@@ -479,73 +469,65 @@ def evaluate(model, folder, n=0, reference=None, inception=None, batch_size=32):
     return {'PSNR': (total[0] / total[1]).item(), **out}, int(total[1])
 
 
-def pretrained_rae():
-    """The RAE with the decoder named by `decoder` (a checkpoint's EMA weights), through RAE.from_pretrained."""
-    path = decoder or latest_checkpoint(os.path.join(out_dir, 'checkpoints'))
+def pretrained_rae(c):
+    """The RAE that config c's --decoder names (a checkpoint's EMA weights, built from the config it stores; a
+    decoder file; 'released'; None: the newest checkpoint of c's out_dir), through RAE.from_pretrained."""
+    path = c['decoder'] or latest_checkpoint(os.path.join(c['out_dir'], 'checkpoints'))
     if not path:
-        raise SystemExit(f'no checkpoint in {out_dir}/checkpoints: train first, or give --decoder=FILE or '
+        raise SystemExit(f'no checkpoint in {c["out_dir"]}/checkpoints: train first, or give --decoder=FILE or '
                          '--decoder=released')
-    return rae.RAE.from_pretrained(encoder, image_size, decoder=None if path == 'released' else path, stats=False,
-                                   encoder_weights=encoder_weights, encoder_overrides=encoder_overrides).eval()
+    return rae.RAE.from_pretrained(c['encoder'], c['image_size'], decoder=None if path == 'released' else path,
+                                   stats=False, encoder_weights=c['encoder_weights'],
+                                   encoder_overrides=c['encoder_overrides']).eval()
 
 
 @torch.no_grad()
 def reconstruct_file(model, path, out):
     """Write the ADM centre crop of an image file and its reconstruction side by side to `out`; -> PSNR in dB."""
-    size = model.decoder.grid * model.decoder.patch
-    with Image.open(path) as im:
-        crop = np.array(rae.center_crop_arr(im.convert('RGB'), size))
+    crop = np.array(center_crop_arr(open_rgb(path), model.decoder.grid * model.decoder.patch))
     x = torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(255).to(next(model.parameters()).device)
-    y = rae.to_uint8(model(x))
-    rae.save_grid(np.stack([crop, y[0].cpu().numpy()]), 2, out, pad=0)
+    y = to_uint8(model(x))
+    save_grid(np.stack([crop, y[0].cpu().numpy()]), 2, out, pad=0)
     return psnr(y.permute(0, 3, 1, 2).float() / 255, x).item()
 
 
-def write_toy(seed=0):
-    """toy=True: random-weight stand-ins, in the published layouts, for each weight file the config names that does
-    not exist (DINOv2 hub names, DINO v1 timm names, torchvision VGG16 + LPIPS heads), and 64 synthetic images
-    (coloured ellipses on gradients, 48-96 px) if data_path is missing: the real loading code runs, offline."""
+def write_toy(c, seed=0):
+    """Random-weight stand-ins in the published layouts for each weight file config c names that does not exist,
+    and 64 synthetic images (ellipses on gradients, 48-96 px) if c's data_path is missing: loading code runs as is."""
     torch.manual_seed(seed)
-
-    def save(path, sd, what):
-        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-        torch.save({k: v.detach().clone().contiguous() for k, v in sd.items()}, path)
-        print0(f'toy: wrote {path} ({what}, random weights)')
-
-    if encoder_weights and not os.path.exists(encoder_weights):
-        write_toy_dinov2(encoder_weights, encoder, encoder_overrides, seed)
-        print0(f'toy: wrote {encoder_weights} ({encoder} hub layout, random weights)')
-    if disc_weights and not os.path.exists(disc_weights):
-        dino = rae.Encoder(**dict(rae.ENCODERS['dino-s8'], **(disc_overrides or {})))
-        nn.init.normal_(dino.pos_embed, std=0.02)
-        save(disc_weights, {k.replace('patch_embed.', 'patch_embed.proj.').replace('.fc', '.mlp.fc'): v
-                            for k, v in dino.state_dict().items()}, 'DINO ViT-S/8 timm layout')
-    if lpips_weights and not os.path.exists(lpips_weights[0]):
-        m = LPIPS(widths=(8, 16, 32, 32, 32))  # a narrow VGG16
-        save(lpips_weights[0], m.features.state_dict(prefix='features.'), 'torchvision VGG16 layout')
-        save(lpips_weights[1], {f'lin{i}.model.1.weight': lin.weight.abs() for i, lin in enumerate(m.lins)},
-             'LPIPS heads')
-    if not os.path.exists(data_path):
+    for weights, name, overrides in [(c['encoder_weights'], c['encoder'], c['encoder_overrides']),
+                                     (c['disc_weights'], 'dino-s8', c['disc_overrides'])]:
+        if weights and not os.path.exists(weights):
+            write_toy_encoder(weights, name, overrides, seed)
+            print0(f'toy: wrote {weights} ({name} in its published layout, random weights)')
+    if c['lpips_weights'] and not os.path.exists(c['lpips_weights'][0]):
+        m = LPIPS(widths=(8, 16, 32, 32, 32))  # a narrow VGG16, and non-negative heads
+        heads = {f'lin{i}.model.1.weight': lin.weight.abs() for i, lin in enumerate(m.lins)}
+        for path, sd in zip(c['lpips_weights'], (m.features.state_dict(prefix='features.'), heads)):
+            os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+            torch.save({k: v.detach().clone().contiguous() for k, v in sd.items()}, path)
+            print0(f'toy: wrote {path} (torchvision VGG16 / LPIPS heads layout, random weights)')
+    if not os.path.exists(c['data_path']):
         rng = np.random.default_rng(seed)
-        for c in range(2):
-            os.makedirs(os.path.join(data_path, f'class{c}'))
-            for i in range(32):
-                h, w = rng.integers(48, 97, size=2)
-                yy, xx = (g[..., None] / max(h, w) for g in np.mgrid[:h, :w])  # [h, w, 1]
-                img = rng.uniform(.2, .8, 3) + rng.uniform(-.5, .5, 3) * xx + rng.uniform(-.5, .5, 3) * yy
-                for _ in range(3):
-                    cy, cx, ry, rx = rng.uniform(0, 1, 2).tolist() + rng.uniform(0.1, 0.4, 2).tolist()
-                    img[(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1)[..., 0]] = rng.uniform(0, 1, 3)
-                path = os.path.join(data_path, f'class{c}', f'{i:03d}.png')
-                Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(path)
-        print0(f'toy: wrote 64 synthetic images to {data_path}')
+        for i in range(64):  # class0/000.png ... class1/031.png
+            h, w = rng.integers(48, 97, size=2)
+            yy, xx = (g[..., None] / max(h, w) for g in np.mgrid[:h, :w])  # [h, w, 1]
+            img = rng.uniform(.2, .8, 3) + rng.uniform(-.5, .5, 3) * xx + rng.uniform(-.5, .5, 3) * yy
+            for _ in range(3):
+                cy, cx, ry, rx = rng.uniform(0, 1, 2).tolist() + rng.uniform(0.1, 0.4, 2).tolist()
+                img[(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1)[..., 0]] = rng.uniform(0, 1, 3)
+            path = os.path.join(c['data_path'], f'class{i // 32}', f'{i % 32:03d}.png')
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(path)
+        print0(f'toy: wrote 64 synthetic images to {c["data_path"]}')
 
 
 def main(argv):
     config = configure(_DEFAULTS, argv)
-    globals().update(config)
+    globals().update(config)  # main reads the config by name; the functions above get theirs as arguments
     rank, _, world_size, dev, is_master = setup_ddp(device)
-    for key, value, allowed in [('mode', mode, ('train', 'eval', 'reconstruct')),
+    sizes = (decoder_size,) if decoder_arch else tuple(rae.DECODERS)  # decoder_arch replaces the preset
+    for key, value, allowed in [('mode', mode, ('train', 'eval', 'reconstruct')), ('decoder_size', decoder_size, sizes),
                                 ('precision', precision, ('bf16', 'fp32'))]:
         if value not in allowed:
             raise SystemExit(f'{key}={value!r}: choose one of {", ".join(allowed)}')
@@ -559,20 +541,21 @@ def main(argv):
                          f'by decoder_patch={decoder_patch}')
     if (mode == 'reconstruct' and not image) or (mode == 'eval' and not val_path):
         raise SystemExit(f"mode={mode!r} needs {'--image=FILE' if mode == 'reconstruct' else '--val_path=FOLDER'}")
-    rae.set_tf32(True)
-    ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == 'bf16' else nullcontext()
+    set_tf32(True)
+    ctx = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
     if toy and is_master:
-        write_toy()
-    if toy and world_size > 1:
-        dist.barrier()
+        write_toy(config)
+    barrier()  # the other ranks wait for the toy files
 
+    # The networks, one name each: the frozen encoder `enc`, the decoder `dec` and its EMA `ema`, `lpips`, the
+    # discriminator `disc`; `autoencoder` (RAE(enc, dec)) and `ddp_disc` are the training handles: compiled, then DDP
     torch.manual_seed(global_seed)  # the initial decoder and heads are the same on every rank
     with rank0_first(), one_line_errors():  # missing or wrong weight files and failed downloads end in one line
         reference, inception = None, None
         if rfid_reference and val_path and mode != 'reconstruct' and is_master:  # rank 0 alone runs Inception
             reference, inception = fid.load_reference(rfid_reference), fid.InceptionV3.from_pretrained().to(dev)
         if mode != 'train':
-            model = pretrained_rae().to(dev)
+            autoencoder = pretrained_rae(config).to(dev)
         else:
             patch = (encoder_overrides or {}).get('patch', rae.ENCODERS[encoder]['patch'])
             enc = rae.Encoder.from_pretrained(encoder, encoder_weights, image_size // decoder_patch * patch,
@@ -581,30 +564,28 @@ def main(argv):
             disc = Discriminator.from_pretrained(disc_weights, disc_key_depths, **(disc_overrides or {})).to(dev)
     if mode == 'reconstruct':
         print(f'wrote {recon_out}: {image} (centre crop) | reconstruction, '
-              f'PSNR {reconstruct_file(model, image, recon_out):.2f} dB')
+              f'PSNR {reconstruct_file(autoencoder, image, recon_out):.2f} dB')
         return cleanup_ddp()
     if mode == 'eval':
-        metrics, n = evaluate(model, val_path, eval_images, reference, inception, global_batch // world_size)
+        metrics, n = evaluate(autoencoder, val_path, image_size, eval_images, reference, inception,
+                              global_batch // world_size, workers)
         print0(f'{n} images of {val_path}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
         return cleanup_ddp()
-    if not decoder_arch and decoder_size not in rae.DECODERS:
-        raise SystemExit(f'decoder_size={decoder_size!r}: choose one of {", ".join(rae.DECODERS)}')
-    dec = rae.Decoder(enc.patch_embed.out_channels, **(decoder_arch or rae.DECODERS[decoder_size]),
-                      grid=image_size // decoder_patch, patch=decoder_patch)
-    model = rae.RAE(enc, dec, noise_tau=noise_tau).to(dev)  # raw tokens: latent statistics are for stage 2
-    ema = make_ema(dec)
-    ema_model = rae.RAE(enc, ema).to(dev).eval()  # for evaluation: no noise
+    enc.check_inputs = False  # the loader gives [0, 1] by construction; the range check would sync every step
+    dec = rae.Decoder(**rae.decoder_arch(config))  # the architecture its checkpoints' config rebuilds
+    autoencoder = rae.RAE(enc, dec, noise_tau=noise_tau).to(dev)  # raw tokens: latent statistics are for stage 2
+    ema = make_ema(dec)  # before compiling (README: differences)
     opt = torch.optim.AdamW(dec.parameters(), lr, betas, weight_decay=weight_decay, fused=dev.type == 'cuda')
     opt_d = torch.optim.AdamW(disc.parameters(), lr, betas, weight_decay=weight_decay, fused=dev.type == 'cuda')
-    model_c, lpips_c = (torch.compile(model), torch.compile(lpips)) if compile else (model, lpips)
     if compile:
         torch._functorch.config.donated_buffer = False  # lambda backpropagates the graph thrice (retain_graph)
+        autoencoder, lpips = torch.compile(autoencoder), torch.compile(lpips)
         for block in disc.dino.blocks:  # the frozen backbone only: compiled heads would keep a power-iteration
             block.compile()  # buffer for backward that the D step's second forward overwrites in place
-    # buffers are not broadcast: the RAE's are constants, and the heads' power iterations stay equal on all ranks
-    # because their weights do (same seed, averaged gradients)
-    ddp_model, ddp_disc = (DDP(m, broadcast_buffers=False) for m in (model_c, disc)) if world_size > 1 else \
-        (model_c, disc)
+    ddp_disc = disc
+    if world_size > 1:  # buffers are not broadcast: the RAE's are constants, and the heads' power iterations stay
+        # equal on all ranks because their weights do (same seed, averaged gradients)
+        autoencoder, ddp_disc = (DDP(m, broadcast_buffers=False) for m in (autoencoder, disc))
 
     data = ImageFolder(data_path, image_size, 'random', flip=False, seed=global_seed)
     loader, sampler = make_loader(data, global_batch // world_size, rank, world_size, global_seed, workers)
@@ -614,11 +595,10 @@ def main(argv):
     log(f'decoder {sum(p.numel() for p in dec.parameters()) / 1e6:.1f}M parameters on {encoder} tokens; '
         f'{len(data)} images: {steps_per_epoch} steps/epoch of {global_batch // world_size} x {world_size} ranks')
     ckpt_dir = os.path.join(out_dir, 'checkpoints')
-    step, epoch, batch = 0, 0, 0  # batch = batches of `epoch` consumed
-    if path := latest_checkpoint(ckpt_dir):  # last before the loop: it restores the random streams
-        c = load_checkpoint(path, config, model=dec, ema=ema, optimizer=opt, disc=disc, optimizer_d=opt_d)
+    step, epoch, batch = 0, 0, 0  # batch = batches of `epoch` consumed; resume last: it restores the random streams
+    if c := resume(ckpt_dir, config, model=dec, ema=ema, optimizer=opt, disc=disc, optimizer_d=opt_d):
         step, epoch, batch = c['step'], c['epoch'], c['batch']
-        log(f'resumed from {path}: step {step}, epoch {epoch}, batch {batch}')
+        log(f'resumed from {c["path"]}: step {step}, epoch {epoch}, batch {batch}')
 
     bar = tqdm(total=last, initial=step, disable=not is_master, desc='training', unit='step')
     stats, t0 = defaultdict(list), time.perf_counter()
@@ -626,16 +606,15 @@ def main(argv):
         sampler.set_epoch(epoch, start_batch=batch)
         for batch, (images, _) in enumerate(loader, start=batch + 1):
             images = images.to(dev, non_blocking=True)
-            # One schedule for G and D. The reference's D scheduler stepped only once D trained, so D's warm-up and
-            # cosine lagged G's by disc_update_start_epoch (6) epochs.
             lr_now = lr_warmup_cosine(step, lr, lr_final, warmup_epochs * steps_per_epoch,
                                       lr_decay_end * steps_per_epoch)
-            for group in opt.param_groups + opt_d.param_groups:
+            for group in opt.param_groups + opt_d.param_groups:  # one schedule for G and D (README: differences)
                 group['lr'] = lr_now
-            logs = generator_step(ddp_model, lpips_c, disc, opt, images, epoch >= disc_start_epoch, ctx)
+            logs = generator_step(autoencoder, lpips, disc, opt, images, epoch >= disc_start_epoch, ctx,
+                                  perceptual_weight, disc_weight)
             update_ema(ema, dec, ema_decay)
             if epoch >= disc_update_start_epoch:
-                logs.update(discriminator_step(model_c, ddp_disc, opt_d, images, ctx))
+                logs.update(discriminator_step(autoencoder, ddp_disc, opt_d, images, ctx))
             step += 1
             bar.update()
             for k, v in logs.items():
@@ -648,16 +627,15 @@ def main(argv):
                     means /= world_size
                 seconds, skipped = time.perf_counter() - t0, unreadable(data, dev)
                 losses = ' '.join(f'{k} {v:.9g}' for k, v in zip(keys, means.tolist()))  # 9 digits: fp32 exactly
-                log(f'step {step}/{last} | epoch {epoch} | {losses}'
-                    + f' | lr {lr_now:.3e} | {n / seconds:.2f} steps/s | {n * global_batch / seconds:.1f} img/s'
-                    + skipped)
+                log(f'step {step}/{last} | epoch {epoch} | {losses} | lr {lr_now:.3e} | {n / seconds:.2f} steps/s | '
+                    f'{n * global_batch / seconds:.1f} img/s{skipped}')
                 stats, t0 = defaultdict(list), time.perf_counter()
             if (ckpt_every and step % ckpt_every == 0) or batch == steps_per_epoch:
                 save_checkpoint(ckpt_dir, step=step, epoch=epoch, batch=batch, config=config, keep=ckpt_keep,
                                 model=dec, ema=ema, optimizer=opt, disc=disc, optimizer_d=opt_d)
             if val_path and (step == last or (eval_every and step % eval_every == 0)):
-                metrics, n = evaluate(ema_model, val_path, eval_images, reference, inception,
-                                      global_batch // world_size)
+                metrics, n = evaluate(rae.RAE(enc, ema).to(dev).eval(), val_path, image_size, eval_images,
+                                      reference, inception, global_batch // world_size, workers)  # no noise
                 log(f'eval step {step} | EMA decoder on {n} images of {val_path}: '
                     + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
             if step % log_every == 0:

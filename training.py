@@ -437,4 +437,3 @@ def start_log(out_dir, config, device):
     log(f'# git {commit}\n# torch {torch.__version__}, {world} x {name}\n# {" ".join(sys.argv)}\n'
         + '\n'.join(f'{k} = {v!r}' for k, v in config.items()))
     return log
-write_toy_dinov2 = write_toy_encoder  # TEMPORARY alias, removed once decoder_train.py uses the new name

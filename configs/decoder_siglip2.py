@@ -1,6 +1,6 @@
-# A ViT-XL decoder on frozen SigLIP2-B/16 tokens (google/siglip2-base-patch16-256), the released recipe otherwise
-# (the authors use one stage-1 config for all encoders, their issue #24). Paper Table 1a: rFID 0.53. SigLIP2 has
-# no CLS token, normalises pixels with mean = std = 0.5 and sees 256 px directly: 16 x 16 tokens of 768.
+# A ViT-XL decoder on frozen SigLIP2-B/16 tokens (google/siglip2-base-patch16-256), the recipe of decoder_xl.py
+# otherwise (one stage-1 recipe for every encoder). Paper Table 1a: rFID 0.53. SigLIP2 has no CLS token,
+# normalises pixels with mean = std = 0.5 and sees 256 px directly: 16 x 16 tokens of 768.
 #
 #   torchrun --standalone --nproc_per_node=8 decoder_train.py configs/decoder_siglip2.py \
 #       --data_path=/data/imagenet/train --val_path=/data/imagenet/val --rfid_reference=val256.npz

@@ -22,7 +22,7 @@ disc_key_depths = (1, 3)
 lpips_weights = ('runs/decoder-tiny/toy/vgg16.pt', 'runs/decoder-tiny/toy/lpips.pt')  # a narrow VGG16
 image_size = 32                     # random 32 px crops of a 48 px short-side resize
 decoder_patch = 8                   # 32 / 8 = 4 x 4 tokens; the encoder sees 4 x 14 = 56 px
-decoder_arch = dict(width=64, depth=2, heads=1, mlp_hidden=128)  # heads = width // 64: what from_state_dict infers
+decoder_arch = dict(width=64, depth=2, heads=1, mlp_hidden=128)  # stored in the checkpoints' config
 # 64 images / 8 = 8 steps per epoch, 32 steps in all: the discriminator trains from step 8, the GAN loss from step 16
 global_batch = 8
 epochs = 4

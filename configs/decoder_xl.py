@@ -1,6 +1,6 @@
-# The released stage-1 recipe: a ViT-XL decoder (415M parameters) on frozen DINOv2-B (with registers) tokens,
-# 256 px, 16 epochs of ImageNet-1k (paper App. E.2; the authors' DINOv2-B_decXL.yaml). decoder_train.py's defaults
-# are this recipe; the file spells it out.
+# The stage-1 recipe of the released decoders: a ViT-XL decoder (415M parameters) on frozen DINOv2-B (with
+# registers) tokens, 256 px, 16 epochs of ImageNet-1k (paper App. E.2). decoder_train.py's defaults are this
+# recipe; the file spells it out.
 #
 #   python fid.py --write-ref val256.npz /data/imagenet/val --image-size 256           # rFID statistics, once
 #   torchrun --standalone --nproc_per_node=8 decoder_train.py configs/decoder_xl.py \

@@ -2,7 +2,7 @@
 # 224 px), decoded with patch p_d = 32 to 512 x 512. A diffusion model trained on 256 px latents then samples 512 px
 # images at the cost of 256 px (paper Table 9: rFID 0.97, gFID 1.61, against 0.53 / 1.13 with 1024 tokens). The
 # released ViTXL_n08_i512 decoder is the other option: 448 px encoder input, 32 x 32 tokens, p_d = 16. The
-# discriminator still looks at 224 px (the authors' issue #76).
+# discriminator still looks at 224 px (it resizes every input to its backbone's 224).
 #
 #   python fid.py --write-ref val512.npz /data/imagenet/val --image-size 512            # rFID statistics, once
 #   torchrun --standalone --nproc_per_node=8 decoder_train.py configs/decoder_xl_512.py \

@@ -21,6 +21,8 @@ from PIL import Image
 import decoder_train as dt
 import fid
 import rae
+from files import center_crop_arr
+from training import make_ema, update_ema
 
 NARROW = (8, 16, 32, 32, 32)  # the golden LPIPS' VGG widths {64: 8, 128: 16, 256: 32, 512: 32}
 TINY_DINO = dict(width=32, depth=4, heads=2, patch=8, pos_grid=28, input_size=224, act='tanh', eps=1e-6)
@@ -62,7 +64,7 @@ def published_lpips_keys(sd, taps=(3, 8, 15, 22, 29)):
 
 def tiny_disc(sd, key_depths=(1, 3)):
     enc = rae.Encoder(**TINY_DINO)
-    enc.load_published(sd['dino_backbone_file'])
+    rae.load_published(enc, sd['dino_backbone_file'], rae.PUBLISHED['dino'], 'dino_disc_tiny.pt')
     return dt.Discriminator(enc, key_depths=key_depths)
 
 
@@ -269,7 +271,8 @@ def test_diffaug_colour_ranges():
 def test_decoder_loss_matches_reference(golden_dir):
     g = load(golden_dir, 'stage1_gloss_tiny.pt')
     sd, out = g['state_dict'], g['outputs']
-    decoder = rae.Decoder.from_state_dict(sd['decoder'], heads=4)
+    decoder = rae.Decoder.from_state_dict(sd['decoder'], token_dim=16, width=64, depth=2, heads=4, mlp_hidden=128,
+                                          grid=4, patch=4)  # the golden constructor: 16 patches of 4 px
     model = rae.RAE(None, decoder)  # ImageNet pixel normalisation, no latent statistics
     lpips = dt.LPIPS(NARROW)
     lpips.load_state_dict(sd['lpips'])
@@ -323,16 +326,16 @@ def test_hinge_and_generator_losses_on_known_logits():
     assert dt.generator_loss(fake).item() == pytest.approx(1 / 6, abs=1e-7)
 
 
-def test_to_8bit_grid():
+def test_quantize_8bit_grid():
     x = torch.linspace(-1.5, 1.5, 1001)
-    q = dt.to_8bit(x)
+    q = dt.quantize_8bit(x)
     k = (q + 1) * 127.5
     close(k, k.round(), 1e-4)  # on the 256-level grid
     assert q.min() == -1 and q.max() == 1
     assert (q - x.clamp(-1, 1)).abs().max() <= 1 / 255 + 1e-6
-    assert torch.equal(dt.to_8bit(q), q)
+    assert torch.equal(dt.quantize_8bit(q), q)
     # 0 -> 127.5, which rounds half to even: level 128
-    assert dt.to_8bit(torch.tensor([0.0])).item() == pytest.approx(128 / 127.5 - 1, abs=1e-6)
+    assert dt.quantize_8bit(torch.tensor([0.0])).item() == pytest.approx(128 / 127.5 - 1, abs=1e-6)
 
 
 def test_decoder_loss_without_discriminator_is_l1_plus_lpips():
@@ -398,11 +401,7 @@ def toy_args(d, **changes):
 
 def write_toy(d, **changes):
     """The script's own toy writer, in process, with the config it would run with."""
-    config = dt.configure(dt._DEFAULTS, [TINY_CONFIG, *toy_args(d, **changes)])
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in config.items():
-            mp.setattr(dt, k, v)
-        dt.write_toy()
+    dt.write_toy(dt.configure(dt._DEFAULTS, [TINY_CONFIG, *toy_args(d, **changes)]))
 
 
 @pytest.fixture(scope='module')
@@ -507,12 +506,36 @@ def test_discriminator_step_updates_only_the_heads(one_thread):
     assert changed == [k for k, v in heads.items() if not (k.endswith('weight_u') and v.shape == (1,))]
 
 
+def test_training_step_makes_no_host_sync(one_thread, monkeypatch):
+    """G step, EMA update and D step as main() runs them on a GPU (range check off, fused AdamW): no tensor is read
+    back to the host (.item(), bool(), aminmax, ...), so a CUDA step never waits for the device."""
+    torch.manual_seed(0)
+    enc = rae.Encoder(**dict(rae.ENCODERS['dinov2-b'], **TINY_ENCODER, input_size=56))
+    enc.check_inputs = False
+    model = rae.RAE(enc, rae.Decoder(32, 64, 2, 1, 128, grid=4, patch=8), noise_tau=0.8).train()
+    disc = dt.Discriminator(rae.Encoder(**dict(TINY_DINO, pos_grid=4, input_size=32)), key_depths=(1, 3))
+    opt, opt_d = (torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True) for m in (model.decoder, disc))
+    ema, lpips, images = make_ema(model.decoder), random_lpips(), torch.rand(2, 3, 32, 32)
+    reads = []
+    for name in ('item', 'tolist', '__bool__', '__float__', '__int__', 'cpu', 'numpy'):
+        def read(*args, _name=name, _orig=getattr(torch.Tensor, name), **kwargs):
+            reads.append(_name)
+            return _orig(*args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    monkeypatch.setattr(torch, 'aminmax', lambda *a, **k: reads.append('aminmax'))
+    logs = dt.generator_step(model, lpips, disc, opt, images, True, nullcontext())
+    update_ema(ema, model.decoder, 0.9)
+    logs.update(dt.discriminator_step(model, disc, opt_d, images, nullcontext()))
+    monkeypatch.undo()
+    assert reads == [] and sorted(logs) == ['d_acc', 'd_loss', 'gan', 'gan_weight', 'l1', 'loss', 'lpips']
+
+
 DDP_SCRIPT = '''
 import sys, torch, torch.distributed as dist
 from contextlib import nullcontext
 sys.path.insert(0, {repo!r})
-import decoder_train as dt, rae, training
-rank, _, world, dev, _ = training.setup_ddp('cpu')
+import decoder_train as dt, rae, runtime
+rank, _, world, dev, _ = runtime.setup_ddp('cpu')
 torch.manual_seed(0)  # the same model and heads on both ranks
 model = rae.RAE(rae.Encoder(**{enc!r}), rae.Decoder(32, 64, 1, 1, 64, grid=4, patch=8))
 disc = dt.Discriminator(rae.Encoder(**{dino!r}), key_depths=(1,))
@@ -527,7 +550,7 @@ both = [torch.empty_like(heads) for _ in range(world)]
 dist.all_gather(both, heads)
 assert not torch.equal(heads, start) and torch.equal(both[0], both[1]), 'heads differ across ranks'
 print('synced', flush=True)
-training.cleanup_ddp()
+runtime.cleanup_ddp()
 '''
 
 
@@ -570,7 +593,7 @@ def test_overfits_four_real_photos(toy, tmp_path):
     dec.load_state_dict(ckpt['ema'])
     enc = rae.Encoder.from_pretrained('dinov2-b', wide['encoder_weights'], 56, **wide['encoder_overrides'])
     model = rae.RAE(enc, dec).eval()
-    crops = np.stack([np.array(rae.center_crop_arr(Image.open(p).convert('RGB'), 32))
+    crops = np.stack([np.array(center_crop_arr(Image.open(p).convert('RGB'), 32))
                       for p in sorted(photos.iterdir())])
     with torch.no_grad():
         out = model(torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255)
@@ -601,14 +624,12 @@ class Identity(torch.nn.Module):
 
 
 @pytest.fixture
-def val_folder(tmp_path, monkeypatch):
+def val_folder(tmp_path):
     folder = tmp_path / 'val' / 'x'
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(5):  # different sizes and aspect ratios: the crop matters
         Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 60 - 5 * i, 3), dtype=np.uint8)).save(folder / f'{i}.png')
-    monkeypatch.setattr(dt, 'image_size', 32)
-    monkeypatch.setattr(dt, 'workers', 0)
     return tmp_path / 'val'
 
 
@@ -623,7 +644,7 @@ def test_rfid_sees_the_crops_the_reference_statistics_were_made_from(val_folder,
         return {'FID': 1.5}
 
     monkeypatch.setattr(fid, 'evaluate', fake_evaluate)
-    metrics, n = dt.evaluate(Identity(), str(val_folder), 4, {'ref': 1}, 'inception', batch_size=3)
+    metrics, n = dt.evaluate(Identity(), str(val_folder), 32, 4, {'ref': 1}, 'inception', batch_size=3)
     assert metrics == {'PSNR': 100.0, 'rFID': 1.5} and n == 4
     crops = np.concatenate(list(fid.FolderImages(str(val_folder), crop=32, workers=0).batches(5)))  # write_reference
     assert torch.equal(torch.cat(seen), torch.from_numpy(crops[:4]))
@@ -636,7 +657,7 @@ def test_rfid_of_perfect_reconstructions_is_zero(val_folder, tmp_path, one_threa
     inception = fid.InceptionV3().eval()  # random weights: the statistics are compared, not their meaning
     fid.write_reference(str(val_folder), str(tmp_path / 'ref.npz'), 32, model=inception, batch_size=5, workers=0,
                         progress=False)
-    metrics, n = dt.evaluate(Identity(), str(val_folder), 0, fid.load_reference(str(tmp_path / 'ref.npz')),
+    metrics, n = dt.evaluate(Identity(), str(val_folder), 32, 0, fid.load_reference(str(tmp_path / 'ref.npz')),
                              inception, batch_size=5)
     assert n == 5 and metrics['PSNR'] == 100.0
     assert abs(metrics['rFID']) < 1e-3, metrics
@@ -674,7 +695,7 @@ def test_reconstruct_writes_crop_and_reconstruction_side_by_side(runs, toy, tmp_
             out_dir=d / 'a')
     pair = np.array(Image.open(tmp_path / 'pair.png'))
     assert pair.shape == (32, 64, 3)
-    crop = np.array(rae.center_crop_arr(photo.convert('RGB'), 32))
+    crop = np.array(center_crop_arr(photo.convert('RGB'), 32))
     assert np.array_equal(pair[:, :32], crop)
     # the right half by hand: the checkpoint's EMA decoder (not the live one) on the encoder's tokens
     ckpt = torch.load(d / 'a' / 'checkpoints' / '0000032.pt', weights_only=True)

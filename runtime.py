@@ -36,6 +36,7 @@ def setup_ddp(device=None, timeout_minutes=10):
 
 def cleanup_ddp():
     if dist.is_initialized():
+        dist.barrier()  # no rank tears down its connections while a peer is still in a collective (gloo aborts)
         dist.destroy_process_group()
 
 

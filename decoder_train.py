@@ -36,8 +36,9 @@ import fid
 import rae
 from files import center_crop_arr, download, load_state_dict_file, open_rgb, save_grid, to_uint8
 from runtime import barrier, cleanup_ddp, one_line_errors, print0, rank0_first, set_tf32, setup_ddp
-from training import (ImageFolder, configure, latest_checkpoint, lr_warmup_cosine, make_ema, make_loader, resume,
-                      save_checkpoint, start_log, unreadable, unwrap, update_ema, write_toy_encoder)
+from training import (ImageFolder, check_config, configure, latest_checkpoint, lr_warmup_cosine, make_ema,
+                      make_loader, resume, save_checkpoint, start_log, unreadable, unwrap, update_ema,
+                      write_toy_encoder)
 
 _imported = set(globals())  # the config is what the block below defines
 # -----------------------------------------------------------------------------------------------------------
@@ -93,6 +94,7 @@ workers = 8                         # data loader processes per rank
 log_every = 100                     # steps between log lines (means over ranks and steps)
 ckpt_every = 0                      # steps between checkpoints, besides the one closing every epoch (0: those only)
 ckpt_keep = 3                       # checkpoints kept (the newest)
+ddp_timeout = 10                    # minutes a rank waits for the others before the job ends naming the rank
 _DEFAULTS = {k: v for k, v in globals().items() if k not in _imported}
 
 # -----------------------------------------------------------------------------------------------------------
@@ -140,9 +142,6 @@ class LPIPS(nn.Module):
 
     def forward(self, x, y):
         """Per-sample distance [B] between image batches x, y in [-1, 1]."""
-        if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f'LPIPS: expected two image batches [B,3,H,W] of one shape, got {tuple(x.shape)} and '
-                             f'{tuple(y.shape)}')
         d = 0
         for fx, fy, lin in zip(self.vgg_taps(x), self.vgg_taps(y), self.lins):
             fx = fx / (fx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit length over channels, per pixel
@@ -284,8 +283,6 @@ class Discriminator(nn.Module):
 
     def features(self, x):
         """Images in [-1, 1] -> DINO patch tokens, final output first, then after each key block: [B, C, N] each."""
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f'discriminator: expected images [B,3,H,W], got shape {tuple(x.shape)}')
         dino = self.dino
         x = F.interpolate(x, size=(dino.input_size, dino.input_size), mode='bilinear', align_corners=False)
         x = x * (0.5 / dino.std) + (0.5 - dino.mean) / dino.std  # = ((x + 1) / 2 - mean) / std
@@ -443,19 +440,30 @@ def evaluate(model, folder, image_size, n=0, reference=None, inception=None, bat
     dev = next(model.parameters()).device
     src = fid.FolderImages(folder, crop=image_size, workers=min(workers, 4))
     files = src.files[:n or None]
-    src.files = files[:len(files) - len(files) % world][rank::world]  # equal shares: all_gather needs equal shapes
+    src.files = files[rank::world]
     total = torch.zeros(2, dtype=torch.float64, device=dev)  # PSNR sum, images
 
     def batches():
-        for b in src.batches(batch_size):
-            x = torch.from_numpy(b).to(dev).permute(0, 3, 1, 2).float() / 255
-            y = to_uint8(model(x)).contiguous()  # rounded, not truncated (README: differences)
-            total.add_(torch.stack([psnr(y.permute(0, 3, 1, 2).float() / 255, x).sum(),
-                                    torch.tensor(len(x), device=dev)]))
-            if world > 1:
-                parts = [torch.empty_like(y) for _ in range(world)]
-                dist.all_gather(parts, y)
-                y = torch.cat(parts)
+        local = src.batches(batch_size)
+        while True:
+            b = next(local, None)  # None once this rank's share is read
+            y = torch.zeros(0, image_size, image_size, 3, dtype=torch.uint8, device=dev)
+            if b is not None:
+                x = torch.from_numpy(b).to(dev).permute(0, 3, 1, 2).float() / 255
+                y = to_uint8(model(x)).contiguous()  # rounded, not truncated (README: differences)
+                total.add_(torch.stack([psnr(y.permute(0, 3, 1, 2).float() / 255, x).sum(),
+                                        torch.tensor(len(x), device=dev)]))
+            if world > 1:  # ranks skip different unreadable files: gather the sizes, then the padded batches
+                sizes = [torch.zeros((), dtype=torch.long, device=dev) for _ in range(world)]
+                dist.all_gather(sizes, torch.tensor(len(y), device=dev))
+                sizes = [int(k) for k in sizes]
+                if not any(sizes):
+                    return
+                parts = [y.new_empty((batch_size, *y.shape[1:])) for _ in range(world)]
+                dist.all_gather(parts, torch.cat([y, y.new_zeros(batch_size - len(y), *y.shape[1:])]))
+                y = torch.cat([part[:n] for part, n in zip(parts, sizes)])
+            elif b is None:
+                return
             yield from y.split(200)  # fid.py's GPU batch: Inception activations stay ~4 GB next to training
 
     out = {}
@@ -466,6 +474,8 @@ def evaluate(model, folder, image_size, n=0, reference=None, inception=None, bat
             pass
     if world > 1:
         dist.all_reduce(total)
+    if not total[1]:
+        raise SystemExit(f'{folder}: no readable images among the {len(files)} chosen')
     return {'PSNR': (total[0] / total[1]).item(), **out}, int(total[1])
 
 
@@ -482,9 +492,9 @@ def pretrained_rae(c):
 
 
 @torch.no_grad()
-def reconstruct_file(model, path, out):
-    """Write the ADM centre crop of an image file and its reconstruction side by side to `out`; -> PSNR in dB."""
-    crop = np.array(center_crop_arr(open_rgb(path), model.decoder.grid * model.decoder.patch))
+def reconstruct_file(model, photo, out):
+    """Write the ADM centre crop of a PIL image and its reconstruction side by side to `out`; -> PSNR in dB."""
+    crop = np.array(center_crop_arr(photo, model.decoder.grid * model.decoder.patch))
     x = torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(255).to(next(model.parameters()).device)
     y = to_uint8(model(x))
     save_grid(np.stack([crop, y[0].cpu().numpy()]), 2, out, pad=0)
@@ -525,22 +535,32 @@ def write_toy(c, seed=0):
 def main(argv):
     config = configure(_DEFAULTS, argv)
     globals().update(config)  # main reads the config by name; the functions above get theirs as arguments
-    rank, _, world_size, dev, is_master = setup_ddp(device)
     sizes = (decoder_size,) if decoder_arch else tuple(rae.DECODERS)  # decoder_arch replaces the preset
-    for key, value, allowed in [('mode', mode, ('train', 'eval', 'reconstruct')), ('decoder_size', decoder_size, sizes),
-                                ('precision', precision, ('bf16', 'fp32'))]:
-        if value not in allowed:
-            raise SystemExit(f'{key}={value!r}: choose one of {", ".join(allowed)}')
+    check_config(config, choices=dict(mode=('train', 'eval', 'reconstruct'), decoder_size=sizes,
+                                      precision=('bf16', 'fp32')),
+                 types=dict(val_path=str, rfid_reference=str, image=str, decoder=str, encoder_weights=str,
+                            disc_weights=str, device=str),
+                 positive=('image_size', 'decoder_patch', 'global_batch', 'epochs', 'lr', 'log_every', 'ddp_timeout'),
+                 non_negative=('eval_every', 'eval_images', 'noise_tau', 'perceptual_weight', 'disc_weight',
+                               'disc_start_epoch', 'disc_update_start_epoch', 'lr_final', 'warmup_epochs',
+                               'lr_decay_end', 'weight_decay', 'workers', 'ckpt_every', 'ckpt_keep'),
+                 fractions=('ema_decay',))
     for key in ('encoder_overrides', 'decoder_arch', 'disc_overrides'):
         if not isinstance(config[key], (dict, type(None))):
             raise SystemExit(f"{key}={config[key]!r}: expected a dict, e.g. --{key}=\"{{'width': 64}}\"")
     if lpips_weights is not None and (not isinstance(lpips_weights, (tuple, list)) or len(lpips_weights) != 2):
         raise SystemExit(f'lpips_weights={lpips_weights!r}: expected (VGG16 file, LPIPS heads file)')
+    rank, _, world_size, dev, is_master = setup_ddp(device, ddp_timeout)
     if global_batch % world_size or image_size % decoder_patch:
         raise SystemExit(f'global_batch={global_batch} must divide by {world_size} ranks and image_size={image_size} '
                          f'by decoder_patch={decoder_patch}')
     if (mode == 'reconstruct' and not image) or (mode == 'eval' and not val_path):
         raise SystemExit(f"mode={mode!r} needs {'--image=FILE' if mode == 'reconstruct' else '--val_path=FOLDER'}")
+    if mode == 'reconstruct':  # read before any weights load: a missing, empty or corrupt file fails at once
+        try:
+            photo = open_rgb(image)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f'--image={image}: not a readable image ({e})') from None
     set_tf32(True)
     ctx = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
     if toy and is_master:
@@ -564,7 +584,7 @@ def main(argv):
             disc = Discriminator.from_pretrained(disc_weights, disc_key_depths, **(disc_overrides or {})).to(dev)
     if mode == 'reconstruct':
         print(f'wrote {recon_out}: {image} (centre crop) | reconstruction, '
-              f'PSNR {reconstruct_file(autoencoder, image, recon_out):.2f} dB')
+              f'PSNR {reconstruct_file(autoencoder, photo, recon_out):.2f} dB')
         return cleanup_ddp()
     if mode == 'eval':
         metrics, n = evaluate(autoencoder, val_path, image_size, eval_images, reference, inception,

@@ -716,8 +716,67 @@ def test_reconstruct_writes_crop_and_reconstruction_side_by_side(runs, toy, tmp_
     (['--mode=sample'], "mode='sample': choose one of train, eval, reconstruct"),
     (["--decoder_arch=[64, 2]"], 'decoder_arch=[64, 2]: expected a dict'),
     (['--mode=reconstruct'], "mode='reconstruct' needs --image=FILE"),
+    (['--mode=reconstruct', '--image=/no/such.png'], '--image=/no/such.png: not a readable image'),
+    (['--lr=-1'], 'lr=-1.0: must be > 0'),
+    (['--epochs=0'], 'epochs=0: must be > 0'),
+    (['--global_batch=0'], 'global_batch=0: must be > 0'),
+    (['--ema_decay=2'], 'ema_decay=2.0: must be in [0, 1)'),
+    (['--val_path=3'], 'val_path=3: expected str'),
+    (['--ddp_timeout=0'], 'ddp_timeout=0: must be > 0'),
 ])
 def test_bad_input_is_a_one_line_error(toy, tmp_path, change, message, restore_globals, one_thread):
     with pytest.raises(SystemExit) as e:
         dt.main([TINY_CONFIG, f'--out_dir={tmp_path}', *toy_args(toy), *change])
     assert message in str(e.value) and '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('content', [b'', b'\x89PNG\r\n\x1a\n not an image'])
+def test_reconstruct_of_an_empty_or_corrupt_file_is_one_line(toy, tmp_path, content, restore_globals, one_thread):
+    bad = tmp_path / 'bad.png'
+    bad.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        dt.main([TINY_CONFIG, f'--out_dir={tmp_path}', *toy_args(toy), '--mode=reconstruct', f'--image={bad}'])
+    assert f'--image={bad}: not a readable image' in str(e.value) and '\n' not in str(e.value)
+
+
+EVAL_SCRIPT = '''
+import sys, numpy as np, torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import decoder_train as dt, fid, runtime
+from test_decoder_train import Identity
+runtime.setup_ddp('cpu')
+seen = []
+def fake_evaluate(batches, reference, model=None, pr=True, progress=True):
+    seen.extend(b.clone() for b in batches)
+    return {{'FID': 0.0}}
+fid.evaluate = fake_evaluate
+metrics, n = dt.evaluate(Identity(), {folder!r}, 32, 0, {{'ref': 1}}, 'inception', batch_size=2)
+if dist.get_rank() == 0:
+    want = np.concatenate(list(fid.FolderImages({folder!r}, crop=32, workers=0).batches(8)))
+    got = torch.cat(seen).numpy()
+    assert n == 5 and metrics['PSNR'] == 100.0 and len(got) == 5, (n, metrics, len(got))
+    assert sorted(map(bytes, got)) == sorted(map(bytes, want)), 'gathered crops differ'
+    print('gathered', flush=True)
+runtime.cleanup_ddp()
+'''
+
+
+def test_evaluation_on_two_ranks_skips_an_unreadable_file(val_folder, tmp_path):
+    """Five readable crops and one corrupt file: rank 1 runs out of readable images a batch before rank 0; the
+    padded gathers still hand rank 0's FID exactly the five crops, and PSNR counts five images."""
+    (val_folder / 'x' / 'bad.png').write_bytes(b'not an image')
+    path = tmp_path / 'eval.py'
+    path.write_text(EVAL_SCRIPT.format(repo=str(REPO), folder=str(val_folder)))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(path)]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(REPO / 'tests'))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and 'gathered' in r.stdout, r.stderr[-3000:]
+    assert 'bad.png is unreadable' in r.stderr
+
+
+def test_evaluation_with_nothing_readable_is_one_line(tmp_path):
+    folder = tmp_path / 'val' / 'x'
+    folder.mkdir(parents=True)
+    (folder / 'bad.png').write_bytes(b'not an image')
+    with pytest.raises(SystemExit, match='no readable images'):
+        dt.evaluate(Identity(), str(tmp_path / 'val'), 32)

@@ -13,9 +13,7 @@ trained with a hinge loss; lambda balances the two gradients at the decoder's la
     python decoder_train.py configs/decoder_tiny.py --mode=reconstruct --image=photo.jpg   # crop | recon -> recon.png
     python decoder_train.py configs/decoder_xl.py --mode=eval --decoder=released --val_path=/data/imagenet/val \
         --rfid_reference=val256.npz                         # PSNR and rFID (statistics: python fid.py --write-ref)
-
-Reading order: the config (every key the script reads), LPIPS, the DINO discriminator, DiffAug, the losses, the
-two update steps, evaluation, main.
+Reading order: the config, LPIPS, the DINO discriminator, DiffAug, the losses, the two update steps, main.
 """
 import math
 import os
@@ -120,8 +118,7 @@ class LPIPS(nn.Module):
                 layers += [nn.Conv2d(c_in, width, 3, padding=1), nn.ReLU()]
                 c_in = width
             self.taps.append(len(layers) - 1)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 = 3, 8, 15, 22, 29
-        # torchvision's vgg16().features[:30], same indices, so its ImageNet weights load as they are. The
-        # weights are always loaded (published VGG16 + LPIPS heads), hence PyTorch's default init here.
+        # torchvision's vgg16().features[:30], same indices: its ImageNet weights load as they are (default init)
         self.features = nn.Sequential(*layers)
         self.lins = nn.ModuleList(nn.Conv2d(w, 1, 1, bias=False) for w in widths)  # learned non-negative weights
         # VGG's ImageNet normalisation written for inputs in [-1, 1] (LPIPS' "scaling layer")
@@ -308,10 +305,9 @@ class Discriminator(nn.Module):
 # DiffAugment (Zhao et al. 2020), the StyleGAN-T variant: applied to real and fake images before D
 
 def diffaug(x, translation=0.125, brightness=0.5, saturation=1.0, contrast=0.5):
-    """Random per-sample translation (up to translation * size, zero fill), brightness + U(-b, b), saturation
-    x U(1-s, 1+s) around the channel mean, contrast x U(1-c, 1+c) around the image mean. The draws (3 on/off coins
-    on the CPU generator, then U(0,1) [7, B] on x's device; rows 5, 6 would place a cutout, which is off) are part
-    of the contract: a seeded call matches the golden DiffAug vectors bitwise."""
+    """Per-sample translation (up to translation * size, zero fill), brightness + U(-b, b), saturation x U(1-s, 1+s)
+    around the channel mean, contrast x U(1-c, 1+c) around the image mean. The draws (3 coins on the CPU generator,
+    then U(0,1) [7, B] on x's device; rows 5, 6 would place the unused cutout) match the golden vectors bitwise."""
     x = x.float()
     torch.rand(3)  # one coin per op; all are on with probability 1, but they advance the RNG
     B, _, H, W = x.shape
@@ -356,9 +352,8 @@ def discriminator_loss(logits_real, logits_fake):
 def adaptive_weight(g_rec, g_gan, recon, last_layer, max_weight=1e4):
     """lambda = |grad_W rec| / (|grad_W gan| + 1e-6) at the decoder's last layer W, clamped and detached.
 
-    g_rec, g_gan: the two losses' gradients at the reconstruction; from there to W is the last layer alone, where
-    differentiating the losses again would run LPIPS and D backward a second time. Norms in fp32 whatever the
-    autocast state (README: differences)."""
+    g_rec, g_gan: the two losses' gradients at the reconstruction, pushed through the last layer alone (not LPIPS
+    and D a second time). Norms in fp32 whatever the autocast state (README: differences)."""
     w_rec, = torch.autograd.grad(recon, last_layer, g_rec, retain_graph=True)
     w_gan, = torch.autograd.grad(recon, last_layer, g_gan, retain_graph=True)
     return (w_rec.float().norm() / (w_gan.float().norm() + 1e-6)).clamp(0, max_weight).detach()
@@ -433,9 +428,8 @@ def discriminator_step(model, disc, opt_d, images, ctx):
 @torch.no_grad()
 def evaluate(model, folder, image_size, n=0, reference=None, inception=None, batch_size=32, workers=0):
     """({'PSNR': mean per-image dB, 'rFID': ...}, images) of model's 8-bit reconstructions of the image_size ADM
-    centre crops of folder (the first n sorted; 0: all; read by min(workers, 4) processes). rFID compares them with
-    `reference`, statistics of the same crops (fid.py --write-ref), not of a generation reference batch (README:
-    differences). Ranks split the images; rank 0 runs Inception on all reconstructions, gathered batch by batch."""
+    centre crops of folder (the first n sorted; 0: all). rFID compares them with `reference`, statistics of the same
+    crops (fid.py --write-ref; README: differences). Ranks split the images; rank 0 runs Inception on them all."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     dev = next(model.parameters()).device
     src = fid.FolderImages(folder, crop=image_size, workers=min(workers, 4))
@@ -479,28 +473,6 @@ def evaluate(model, folder, image_size, n=0, reference=None, inception=None, bat
     return {'PSNR': (total[0] / total[1]).item(), **out}, int(total[1])
 
 
-def pretrained_rae(c):
-    """The RAE that config c's --decoder names (a checkpoint's EMA weights, built from the config it stores; a
-    decoder file; 'released'; None: the newest checkpoint of c's out_dir), through RAE.from_pretrained."""
-    path = c['decoder'] or latest_checkpoint(os.path.join(c['out_dir'], 'checkpoints'))
-    if not path:
-        raise SystemExit(f'no checkpoint in {c["out_dir"]}/checkpoints: train first, or give --decoder=FILE or '
-                         '--decoder=released')
-    return rae.RAE.from_pretrained(c['encoder'], c['image_size'], decoder=None if path == 'released' else path,
-                                   stats=False, encoder_weights=c['encoder_weights'],
-                                   encoder_overrides=c['encoder_overrides']).eval()
-
-
-@torch.no_grad()
-def reconstruct_file(model, photo, out):
-    """Write the ADM centre crop of a PIL image and its reconstruction side by side to `out`; -> PSNR in dB."""
-    crop = np.array(center_crop_arr(photo, model.decoder.grid * model.decoder.patch))
-    x = torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(255).to(next(model.parameters()).device)
-    y = to_uint8(model(x))
-    save_grid(np.stack([crop, y[0].cpu().numpy()]), 2, out, pad=0)
-    return psnr(y.permute(0, 3, 1, 2).float() / 255, x).item()
-
-
 def write_toy(c, seed=0):
     """Random-weight stand-ins in the published layouts for each weight file config c names that does not exist,
     and 64 synthetic images (ellipses on gradients, 48-96 px) if c's data_path is missing: loading code runs as is."""
@@ -539,16 +511,14 @@ def main(argv):
     check_config(config, choices=dict(mode=('train', 'eval', 'reconstruct'), decoder_size=sizes,
                                       precision=('bf16', 'fp32')),
                  types=dict(val_path=str, rfid_reference=str, image=str, decoder=str, encoder_weights=str,
-                            disc_weights=str, device=str),
+                            disc_weights=str, device=str, encoder_overrides=dict, decoder_arch=dict,
+                            disc_overrides=dict, lpips_weights=(tuple, list)),
                  positive=('image_size', 'decoder_patch', 'global_batch', 'epochs', 'lr', 'log_every', 'ddp_timeout'),
                  non_negative=('eval_every', 'eval_images', 'noise_tau', 'perceptual_weight', 'disc_weight',
                                'disc_start_epoch', 'disc_update_start_epoch', 'lr_final', 'warmup_epochs',
                                'lr_decay_end', 'weight_decay', 'workers', 'ckpt_every', 'ckpt_keep'),
                  fractions=('ema_decay',))
-    for key in ('encoder_overrides', 'decoder_arch', 'disc_overrides'):
-        if not isinstance(config[key], (dict, type(None))):
-            raise SystemExit(f"{key}={config[key]!r}: expected a dict, e.g. --{key}=\"{{'width': 64}}\"")
-    if lpips_weights is not None and (not isinstance(lpips_weights, (tuple, list)) or len(lpips_weights) != 2):
+    if lpips_weights is not None and len(lpips_weights) != 2:
         raise SystemExit(f'lpips_weights={lpips_weights!r}: expected (VGG16 file, LPIPS heads file)')
     rank, _, world_size, dev, is_master = setup_ddp(device, ddp_timeout)
     if global_batch % world_size or image_size % decoder_patch:
@@ -574,17 +544,28 @@ def main(argv):
         reference, inception = None, None
         if rfid_reference and val_path and mode != 'reconstruct' and is_master:  # rank 0 alone runs Inception
             reference, inception = fid.load_reference(rfid_reference), fid.InceptionV3.from_pretrained().to(dev)
-        if mode != 'train':
-            autoencoder = pretrained_rae(config).to(dev)
+        if mode != 'train':  # a checkpoint's EMA decoder, built from the config it stores; a decoder file; 'released'
+            path = decoder or latest_checkpoint(os.path.join(out_dir, 'checkpoints'))
+            if not path:
+                raise SystemExit(f'no checkpoint in {out_dir}/checkpoints: train first, or give --decoder=FILE or '
+                                 '--decoder=released')
+            autoencoder = rae.RAE.from_pretrained(encoder, image_size, decoder=None if path == 'released' else path,
+                                                  stats=False, encoder_weights=encoder_weights,
+                                                  encoder_overrides=encoder_overrides).to(dev).eval()
         else:
             patch = (encoder_overrides or {}).get('patch', rae.ENCODERS[encoder]['patch'])
             enc = rae.Encoder.from_pretrained(encoder, encoder_weights, image_size // decoder_patch * patch,
                                               **(encoder_overrides or {}))  # DINOv2: 224 px, 16 x 16 tokens at 256
             lpips = LPIPS.from_pretrained(*(lpips_weights or (None, None))).to(dev)
             disc = Discriminator.from_pretrained(disc_weights, disc_key_depths, **(disc_overrides or {})).to(dev)
-    if mode == 'reconstruct':
+    if mode == 'reconstruct':  # the ADM centre crop and its reconstruction, side by side
+        crop = np.array(center_crop_arr(photo, image_size))
+        x = torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(255).to(dev)
+        with torch.no_grad():
+            y = to_uint8(autoencoder(x))
+        save_grid(np.stack([crop, y[0].cpu().numpy()]), 2, recon_out, pad=0)
         print(f'wrote {recon_out}: {image} (centre crop) | reconstruction, '
-              f'PSNR {reconstruct_file(autoencoder, photo, recon_out):.2f} dB')
+              f'PSNR {psnr(y.permute(0, 3, 1, 2).float() / 255, x).item():.2f} dB')
         return cleanup_ddp()
     if mode == 'eval':
         metrics, n = evaluate(autoencoder, val_path, image_size, eval_images, reference, inception,

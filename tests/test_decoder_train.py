@@ -714,7 +714,7 @@ def test_reconstruct_writes_crop_and_reconstruction_side_by_side(runs, toy, tmp_
     (['--encoder_weights=/no/such/file.pt'], 'weights file not found: /no/such/file.pt'),
     (['--learning_rate=1e-4'], "unknown config key 'learning_rate'"),
     (['--mode=sample'], "mode='sample': choose one of train, eval, reconstruct"),
-    (["--decoder_arch=[64, 2]"], 'decoder_arch=[64, 2]: expected a dict'),
+    (["--decoder_arch=[64, 2]"], 'decoder_arch=[64, 2]: expected dict'),
     (['--mode=reconstruct'], "mode='reconstruct' needs --image=FILE"),
     (['--mode=reconstruct', '--image=/no/such.png'], '--image=/no/such.png: not a readable image'),
     (['--lr=-1'], 'lr=-1.0: must be > 0'),

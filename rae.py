@@ -71,14 +71,12 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The published encoders. pos_grid is the side of the stored position-embedding grid; input_size the side images
 # are resized to (224 for DINOv2 gives 16x16 tokens at patch 14, like 256 at patch 16); antialias follows how
 # transformers interpolates that model's position embeddings; layout names the table of PUBLISHED below.
+_DINOV2 = dict(patch=14, pos_grid=37, input_size=224, registers=4, layerscale=True, eps=1e-6, antialias=True,
+               layout='dinov2')
 ENCODERS = {
-    'dinov2-s': dict(width=384, depth=12, heads=6, patch=14, pos_grid=37, input_size=224, registers=4, layerscale=True,
-                     eps=1e-6, antialias=True, layout='dinov2', repo='facebook/dinov2-with-registers-small'),
-    'dinov2-b': dict(width=768, depth=12, heads=12, patch=14, pos_grid=37, input_size=224, registers=4, layerscale=True,
-                     eps=1e-6, antialias=True, layout='dinov2', repo='facebook/dinov2-with-registers-base'),
-    'dinov2-l': dict(width=1024, depth=24, heads=16, patch=14, pos_grid=37, input_size=224, registers=4,
-                     layerscale=True, eps=1e-6, antialias=True, layout='dinov2',
-                     repo='facebook/dinov2-with-registers-large'),
+    'dinov2-s': dict(_DINOV2, width=384, depth=12, heads=6, repo='facebook/dinov2-with-registers-small'),
+    'dinov2-b': dict(_DINOV2, width=768, depth=12, heads=12, repo='facebook/dinov2-with-registers-base'),
+    'dinov2-l': dict(_DINOV2, width=1024, depth=24, heads=16, repo='facebook/dinov2-with-registers-large'),
     'siglip2-b': dict(width=768, depth=12, heads=12, patch=16, pos_grid=16, input_size=256, cls=False, act='tanh',
                       eps=1e-6, mean=(0.5,) * 3, std=(0.5,) * 3, layout='siglip2',
                       repo='google/siglip2-base-patch16-256'),
@@ -121,8 +119,8 @@ class Encoder(nn.Module):
     """A frozen ViT representation encoder: images in [0,1] -> normalised patch tokens [B, N, C]."""
 
     def __init__(self, width, depth, heads, patch, pos_grid, input_size, registers=0, cls=True, layerscale=False,
-                 mlp_hidden=None, act='gelu', eps=1e-6, antialias=False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 name='vit', layout='dinov2', **unused):
+                 act='gelu', eps=1e-6, antialias=False, mean=IMAGENET_MEAN, std=IMAGENET_STD, name='vit',
+                 layout='dinov2', **unused):
         super().__init__()
         self.name, self.patch, self.input_size, self.antialias, self.layout = name, patch, input_size, antialias, layout
         self.check_inputs = True  # the training scripts turn it off: their loaders give [0, 1] by construction
@@ -131,38 +129,28 @@ class Encoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if cls else None
         self.register_tokens = nn.Parameter(torch.zeros(1, registers, width)) if registers else None
         self.pos_embed = nn.Parameter(torch.zeros(1, int(cls) + pos_grid ** 2, width))  # CLS row first, if any
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_hidden or 4 * width, eps, act, layerscale)
-                                    for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, 4 * width, eps, act, layerscale) for _ in range(depth))
         # The final LayerNorm without affine (RAE §3): tokens are standardised per token over channels.
         self.norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
         self.register_buffer('mean', torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-    def pos_embed_for(self, h, w):
-        """The position embedding for an h x w token grid, bicubic-interpolated from the stored grid."""
-        n_cls = int(self.cls_token is not None)
-        cls_pos, grid = self.pos_embed[:, :n_cls], self.pos_embed[:, n_cls:]
-        g = math.isqrt(grid.shape[1])
-        if (h, w) != (g, g):
-            grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid.float(), size=(h, w), mode='bicubic', align_corners=False,
-                                 antialias=self.antialias).to(grid.dtype)
-            grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
-        return cls_pos, grid
-
     def embed(self, x):
         """Normalised pixels [B,3,H,W] -> [CLS, registers, patches] tokens with position embeddings."""
         x = self.patch_embed(x)  # (B, C, h, w)
         h, w = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major tokens
-        cls_pos, grid_pos = self.pos_embed_for(h, w)
-        x = x + grid_pos
-        prefix = []
-        if self.cls_token is not None:
-            prefix.append((self.cls_token + cls_pos).expand(len(x), -1, -1))
-        if self.register_tokens is not None:  # registers carry no position embedding
-            prefix.append(self.register_tokens.expand(len(x), -1, -1))
-        return torch.cat(prefix + [x], dim=1)
+        n_cls = int(self.cls_token is not None)
+        cls_pos, grid = self.pos_embed[:, :n_cls], self.pos_embed[:, n_cls:]
+        g = math.isqrt(grid.shape[1])
+        if (h, w) != (g, g):  # another token grid: the stored one, bicubic-interpolated
+            grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid.float(), size=(h, w), mode='bicubic', align_corners=False,
+                                 antialias=self.antialias).to(grid.dtype)
+            grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        x = x.flatten(2).transpose(1, 2) + grid  # (B, h*w, C), row-major tokens
+        cls = [] if self.cls_token is None else [self.cls_token + cls_pos]
+        registers = [] if self.register_tokens is None else [self.register_tokens]  # no position embedding
+        return torch.cat([p.expand(len(x), -1, -1) for p in cls + registers] + [x], dim=1)
 
     def forward(self, images):
         if images.ndim != 4 or images.shape[1] != 3:
@@ -182,15 +170,11 @@ class Encoder(nn.Module):
     @classmethod
     def from_pretrained(cls, name, weights=None, input_size=None, **overrides):
         """A published encoder by name; weights=None downloads it, weights=PATH reads a local file or folder.
-
-        overrides (width=, depth=, heads=, pos_grid=, ...) change the preset, e.g. for a tiny random-weight file
-        in the published layout (tests, CPU smoke runs).
-        """
+        overrides (width=, depth=, pos_grid=, ...) change the preset, e.g. for a tiny random file (tests)."""
         if name not in ENCODERS:
             raise ValueError(f'unknown encoder {name!r}; choose one of {", ".join(ENCODERS)}')
         cfg = dict(ENCODERS[name], name=name, **overrides)
-        if input_size is not None:
-            cfg['input_size'] = input_size
+        cfg['input_size'] = input_size or cfg['input_size']
         if weights is None:
             weights = download(hf_url(*cfg.get('file', (cfg['repo'], 'model.safetensors'))))
         model = cls(**cfg)
@@ -199,16 +183,21 @@ class Encoder(nn.Module):
 
 
 def sincos_2d(width, grid):
-    """Fixed 2D sin-cos position embedding [grid*grid, width] (MAE recipe), row-major tokens.
-
-    Channels [0, width/2) encode the column, [width/2, width) the row; each half is [sin(p w_i), cos(p w_i)] with
-    w_i = 1 / 10000^(i / (width/4)). Built in float64, then cast.
-    """
+    """Fixed 2D sin-cos position embedding [grid*grid, width] (MAE recipe), row-major tokens: channels [0, width/2)
+    encode the column, the rest the row, each half [sin(p w_i), cos(p w_i)], w_i = 10000^(-i / (width/4))."""
     omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width / 4))
     rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing='ij')
     halves = [np.outer(p.reshape(-1), omega) for p in (cols, rows)]
     emb = np.concatenate([f(h) for h in halves for f in (np.sin, np.cos)], axis=1)
     return torch.from_numpy(emb).float()
+
+
+def unpatchify(x, p, c):
+    """Tokens [B, h*h, p*p*c] -> [B, c, h*p, h*p]: token (r, q) fills a p x p block, channels last per pixel."""
+    B, N, _ = x.shape
+    h = math.isqrt(N)
+    x = torch.einsum('nhwpqc->nchpwq', x.reshape(B, h, h, p, p, c))
+    return x.reshape(B, c, h * p, h * p)
 
 
 # ViT decoder sizes (the released decoders are all XL; note XL's MLP is 4096, not 4 x 1152)
@@ -242,10 +231,7 @@ class Decoder(nn.Module):
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed
         for block in self.blocks:
             x = block(x)
-        x = self.pred(self.norm(x))[:, 1:]  # (B, grid^2, p*p*3)
-        p, g = self.patch, self.grid
-        x = x.reshape(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # (B, 3, g, p, g, p): channels last per patch
-        return x.reshape(B, 3, g * p, g * p)
+        return unpatchify(self.pred(self.norm(x))[:, 1:], self.patch, 3)  # CLS dropped
 
     @classmethod
     def from_state_dict(cls, sd, path='decoder', **arch):
@@ -289,30 +275,28 @@ def load_stats(path):
 class RAE(nn.Module):
     """Frozen encoder + trained decoder; the latent is the encoder's token map, normalised per channel+position."""
 
-    def __init__(self, encoder, decoder, mean=None, var=None, noise_tau=0.0, eps=1e-5,
-                 pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
+    def __init__(self, encoder, decoder, mean=None, var=None, noise_tau=0.0, pixel_mean=IMAGENET_MEAN,
+                 pixel_std=IMAGENET_STD):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder  # encoder may be None when only decoding (sampling)
-        self.noise_tau, self.eps = noise_tau, eps
+        self.noise_tau = noise_tau
         if encoder is not None:
             encoder.requires_grad_(False)
             pixel_mean, pixel_std = encoder.mean.flatten().tolist(), encoder.std.flatten().tolist()
         # The decoder predicts pixels in the encoder's normalisation; these map them back to [0,1].
         self.register_buffer('pixel_mean', torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('pixel_std', torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
-        # Variance-only normalisation (mean None) is what the released DINOv2-B statistics do.
-        self.register_buffer('latent_mean', None if mean is None else mean.float(), persistent=False)
-        self.register_buffer('latent_var', None if var is None else var.float(), persistent=False)
+        # Per channel and position; no mean is variance-only normalisation (the released DINOv2-B statistics), no
+        # statistics at all the identity (0 and 1 change no value).
+        std = torch.ones(()) if var is None else torch.sqrt(var.float() + 1e-5)  # eps as released
+        self.register_buffer('latent_mean', torch.zeros(()) if mean is None else mean.float(), persistent=False)
+        self.register_buffer('latent_std', std, persistent=False)
 
     def normalize(self, z):
-        if self.latent_mean is not None:
-            z = z - self.latent_mean
-        return z if self.latent_var is None else z / torch.sqrt(self.latent_var + self.eps)
+        return (z - self.latent_mean) / self.latent_std
 
     def denormalize(self, x):
-        if self.latent_var is not None:
-            x = x * torch.sqrt(self.latent_var + self.eps)
-        return x if self.latent_mean is None else x + self.latent_mean
+        return x * self.latent_std + self.latent_mean
 
     @torch.no_grad()
     def encode(self, images):
@@ -331,8 +315,7 @@ class RAE(nn.Module):
 
     def decode(self, latent):
         """Latent [B,C,h,w] -> images [B,3,H,W], nominally in [0,1] (not clamped)."""
-        z = self.denormalize(latent)
-        x = self.decoder(z.flatten(2).transpose(1, 2))
+        x = self.decoder(self.denormalize(latent).flatten(2).transpose(1, 2))
         return x * self.pixel_std + self.pixel_mean
 
     def forward(self, images):
@@ -340,14 +323,11 @@ class RAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, encoder='dinov2-b', resolution=256, decoder=None, stats=None, encoder_weights=None,
-                        load_encoder=True, noise_tau=0.0, encoder_overrides=None, arch=None):
-        """The released RAE for (encoder, resolution); decoder/stats may be local paths instead of downloads.
-
-        A decoder file that stores its run config (decoder_train.py checkpoints) is built from it; other files are
-        released ViT-XL decoders at patch 16, unless arch (see Decoder.from_state_dict) says otherwise.
-        load_encoder=False builds a decode-only RAE (sampling needs no encoder weights). stats=False: no latent
-        normalisation (decoder training works on raw tokens). encoder_overrides: see Encoder.from_pretrained.
-        """
+                        load_encoder=True, encoder_overrides=None, arch=None):
+        """The released RAE for (encoder, resolution); decoder / stats may be local files instead of downloads. A
+        decoder_train.py checkpoint is built from the run config it stores, any other file as a released ViT-XL
+        decoder at patch 16 unless arch (Decoder's keywords) says otherwise. load_encoder=False: decode only
+        (sampling); stats=False: no latent normalisation (decoder training works on raw tokens)."""
         if encoder not in ENCODERS:
             raise ValueError(f'unknown encoder {encoder!r}; choose one of {", ".join(ENCODERS)}')
         key = (encoder, resolution)
@@ -361,46 +341,40 @@ class RAE(nn.Module):
             stats = stats or download(hf_url(HF_REPO, RELEASED_STATS[key]))
         ckpt = load_state_dict_file(decoder)
         run = ckpt.get('config') if isinstance(ckpt, dict) else None
-        cfg = dict(ENCODERS[encoder], **(encoder_overrides or {}))
+        overrides = encoder_overrides or {}
+        cfg = dict(ENCODERS[encoder], **overrides)
         arch = arch or (decoder_arch(run) if isinstance(run, dict) else
                         dict(DECODERS['XL'], token_dim=cfg['width'], grid=resolution // 16, patch=16))
         sd = {k.removeprefix('decoder.'): v for k, v in model_state_dict(ckpt, decoder).items()
               if not k.startswith('encoder.')}  # a decoder_train.py checkpoint holds the decoder alone
         dec = Decoder.from_state_dict(sd, decoder, **arch)
-        enc = None
-        if load_encoder:
-            enc = Encoder.from_pretrained(encoder, encoder_weights, **{'input_size': dec.grid * cfg['patch'],
-                                                                       **(encoder_overrides or {})})
+        kw = {'input_size': dec.grid * cfg['patch'], **overrides}  # DINOv2: 224 px gives the decoder's 16 x 16 tokens
+        enc = Encoder.from_pretrained(encoder, encoder_weights, **kw) if load_encoder else None
         mean, var = load_stats(stats) if stats is not False else (None, None)
-        return cls(enc, dec, mean, var, noise_tau, pixel_mean=cfg.get('mean', IMAGENET_MEAN),
+        return cls(enc, dec, mean, var, pixel_mean=cfg.get('mean', IMAGENET_MEAN),
                    pixel_std=cfg.get('std', IMAGENET_STD)).eval()
 
 
 # -----------------------------------------------------------------------------------------------------------
 # The diffusion transformers: LightningDiT (the paper's "DiT") and DiT^DH (DiT + a wide, shallow DDT head)
 #
-# Both read the latent x_t [B, 768, 16, 16] as 256 tokens (patch size 1) and predict the velocity v [B, 768, 16, 16].
+# Both map (x_t [B, 768, 16, 16], t [B] in [0, 1] with 1 = noise, y [B] class ids with num_classes = null) to the
+# velocity v [B, 768, 16, 16], reading x_t as 256 tokens (patch size 1).
 # Module attribute names are the released ones, so the authors' checkpoints load strictly. Quirks kept on purpose
 # (changing any of them silently breaks the released weights): the conditioning goes through SiLU twice in DiT^DH,
 # the head sees t and y only through s = SiLU(backbone_out + t_emb), the frozen tables (sin-cos position embedding,
 # Fourier frequencies W, RoPE) are stored in the checkpoints and must be loaded, not recomputed.
 
-
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
-
-
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 (eps 1e-6); the learned gain is applied after casting back."""
 
-    def __init__(self, dim, eps=1e-6):
+    def __init__(self, dim):
         super().__init__()
-        self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).type_as(x) * self.weight
 
 
 class SwiGLU(nn.Module):
@@ -419,10 +393,10 @@ class SwiGLU(nn.Module):
 class RoPE2D(nn.Module):
     """2D RoPE (EVA-02 style): the first half of head_dim rotates with the token's row, the second with its column."""
 
-    def __init__(self, head_dim, grid, theta=10000.0):
+    def __init__(self, head_dim, grid):
         super().__init__()
         d = head_dim // 2  # channels per axis
-        freqs = 1.0 / theta ** (torch.arange(0, d, 2)[:d // 2].float() / d)  # (d/2,)
+        freqs = 1.0 / 10000.0 ** (torch.arange(0, d, 2)[:d // 2].float() / d)  # (d/2,)
         f = torch.outer(torch.arange(grid).float(), freqs).repeat_interleave(2, dim=-1)  # (grid, d): pairs share a freq
         f = torch.cat([f[:, None, :].expand(grid, grid, d), f[None, :, :].expand(grid, grid, d)], dim=-1)  # (r, c, hd)
         # Tokens are row-major (n = row * grid + col). Persistent: the released checkpoints carry these tables.
@@ -474,7 +448,7 @@ class LabelEmbedder(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """LightningDiT block: RMSNorm, RoPE attention, SwiGLU, adaLN-Zero modulation by c (per sample or per token)."""
+    """LightningDiT block: RMSNorm, RoPE attention, SwiGLU, adaLN-Zero modulation x (1 + scale) + shift by c."""
 
     def __init__(self, dim, heads, mlp_ratio=4.0):
         super().__init__()
@@ -486,8 +460,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c, rope):  # x (B, N, D); c (B, 1, D) one vector per sample, or (B, N, D) one per token
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa) + shift_msa, rope)
+        return x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
 
 
 class FinalLayer(nn.Module):
@@ -501,20 +475,12 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
-def unpatchify(x, p, c):
-    """Tokens [B, h*w, p*p*c] -> latent [B, c, h*p, w*p]."""
-    B, N, _ = x.shape
-    h = math.isqrt(N)
-    x = torch.einsum('nhwpqc->nchpwq', x.reshape(B, h, h, p, p, c))
-    return x.reshape(B, c, h * p, h * p)
+        return self.linear(self.norm_final(x) * (1 + scale) + shift)
 
 
 def init_dit(model, embedders):
-    """The shared part of both DiTs' init: xavier patch embeddings, N(0, 0.02) label table and time MLP, and
-    adaLN-Zero (every block starts as the identity, the output as 0)."""
+    """Both DiTs' init: xavier patch embeddings, N(0, 0.02) label table and time MLP, and adaLN-Zero (every block
+    starts as the identity, the output as 0)."""
     for emb in embedders:
         nn.init.xavier_uniform_(emb.proj.weight.view(emb.proj.weight.shape[0], -1))
         nn.init.zeros_(emb.proj.bias)
@@ -550,7 +516,6 @@ class LightningDiT(nn.Module):
         init_dit(self, [self.x_embedder])
 
     def forward(self, x, t, y):
-        """x_t [B, C, H, W], t [B] in [0, 1] (1 = noise), y [B] class ids (num_classes = null) -> v [B, C, H, W]."""
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         c = (self.t_embedder(t) + self.y_embedder(y))[:, None]  # (B, 1, D); no SiLU here (each block has one)
         for block in self.blocks:
@@ -583,16 +548,14 @@ class DiTDH(nn.Module):
         init_dit(self, [self.x_embedder, self.s_embedder])
 
     def forward(self, x, t, y):
-        """x_t [B, C, H, W], t [B] in [0, 1] (1 = noise), y [B] class ids (num_classes = null) -> v [B, C, H, W]."""
-        d1 = self.depth[0]
         t = self.t_embedder(t)  # (B, H1)
         c = F.silu(t + self.y_embedder(y))[:, None]  # (B, 1, H1); the blocks apply SiLU again (as released)
         s = self.s_embedder(x) + self.pos_embed  # (B, N, H1)
-        for block in self.blocks[:d1]:
+        for block in self.blocks[:self.depth[0]]:
             s = block(s, c, self.enc_feat_rope)
         s = self.s_projector(F.silu(s + t[:, None]))  # (B, N, H2): per-token condition; y enters only via s
         x = self.x_embedder(x)  # (B, N, H2)
-        for block in self.blocks[d1:]:
+        for block in self.blocks[self.depth[0]:]:
             x = block(x, s, self.dec_feat_rope)
         return unpatchify(self.final_layer(x, s), self.patch_size, self.in_channels)
 
@@ -612,10 +575,8 @@ def build_dit(name, hidden_size=None, depth=None, num_heads=None, **kwargs):
                          f'{"/".join(DIT_SIZES)}, or DiTDH / LightningDiT with hidden_size, depth and num_heads')
     if size and hidden_size is not None:
         raise ValueError(f'{name} is a preset: give hidden_size / depth / num_heads with DiTDH or LightningDiT')
-    if size:
-        (hidden_size, depth, num_heads), head = DIT_SIZES[size], DDT_HEAD
-        if family == 'DiTDH':
-            hidden_size, depth, num_heads = (hidden_size, head[0]), (depth, head[1]), (num_heads, head[2])
+    if size:  # DiT^DH: (backbone, head) pairs
+        hidden_size, depth, num_heads = zip(DIT_SIZES[size], DDT_HEAD) if family == 'DiTDH' else DIT_SIZES[size]
     cls = DiTDH if family == 'DiTDH' else LightningDiT
     return cls(hidden_size=hidden_size, depth=depth, num_heads=num_heads, **kwargs)
 
@@ -629,13 +590,9 @@ RELEASED_DITS = {  # DiT^DH-XL on DINOv2-B latents, and the early DiT^DH-S used 
 
 
 def load_dit(path, name=None, **kwargs):
-    """A LightningDiT or DiT^DH with the weights of a file, in eval mode.
-
-    A diffusion_train.py checkpoint is built from the run config it stores (its EMA weights); any other file (the
-    released ones, a third party's) from `name` and kwargs as build_dit takes them. The latent geometry (channels,
-    grid) is read off the patch embedding and the position table. The frozen tables (pos_embed, t_embedder.W,
-    RoPE) come from the file too: the released EMA weights carry slightly nudged copies of them.
-    """
+    """A LightningDiT or DiT^DH holding a file's weights, in eval mode: a diffusion_train.py checkpoint is built from
+    its run config (EMA weights), any other file from `name` and build_dit's kwargs. Channels and grid are read off
+    the file, and so are the frozen tables: the released EMA weights carry slightly nudged copies of them."""
     ckpt = load_state_dict_file(path)
     run = ckpt.get('config') if isinstance(ckpt, dict) else None
     if isinstance(run, dict):
@@ -649,7 +606,7 @@ def load_dit(path, name=None, **kwargs):
     if name is None:
         raise ValueError(f'{path}: a bare state dict does not say which DiT it holds; name its preset, e.g. '
                          f"load_dit(path, 'DiTDH-XL')")
-    patch, in_channels = sd['x_embedder.proj.weight'].shape[-1], sd['x_embedder.proj.weight'].shape[1]
+    _, in_channels, _, patch = sd['x_embedder.proj.weight'].shape
     with torch.device('meta'):  # no time spent on a random init that is overwritten anyway
         model = build_dit(name, input_size=math.isqrt(sd['pos_embed'].shape[1]) * patch, patch_size=patch,
                           in_channels=in_channels, **kwargs)
@@ -670,9 +627,9 @@ def released_dit(resolution=256, guide=False):
 # High-dimensional latents need noisier training and sampling times: every t (training draws and the sampling grid)
 # goes through the shift t' = alpha t / (1 + (alpha - 1) t), alpha = sqrt(C*H*W / 4096) (sqrt(48) at 256 px).
 
-def shift_alpha(latent_shape, base_dim=4096):
+def shift_alpha(latent_shape):
     """alpha = sqrt(effective data dimension / 4096), e.g. (768, 16, 16) -> sqrt(48) = 6.93."""
-    return math.sqrt(math.prod(latent_shape) / base_dim)
+    return math.sqrt(math.prod(latent_shape) / 4096)
 
 
 def time_shift(t, alpha):
@@ -692,28 +649,22 @@ def sample_t(n, time_dist='logit-normal', t_max=0.999, generator=None):
 
 def step_draws(seed, step, rows, global_batch, latent_shape, time_dist, alpha, class_dropout, device):
     """The training draws of `rows` of the global batch at optimizer step `step`: eps [B, C, h, w], shifted t [B]
-    and label drops [B] (the label becomes the null class: it trains the unconditional model for guidance).
-
-    (seed, step) hashes to global_batch + 1 seeds: t and the drops of the whole global batch come from the last,
-    eps of row r from seed r. Row r is the same sample on any number of ranks and micro-batches, so a run gives the
-    same numbers on 1 or 8 GPUs, with any grad_accum and after a resume. Own generators: the rank's streams stay.
-    """
+    and label drops [B] (to the null class, which trains the unconditional model for guidance). (seed, step) hashes
+    to global_batch + 1 seeds: t and drops of the whole batch come from the last, eps of row r from seed r, so row r
+    is the same sample on any number of ranks, with any grad_accum and after a resume."""
     seeds = np.random.SeedSequence([seed, step]).generate_state(global_batch + 1, np.uint64).tolist()
     g = torch.Generator().manual_seed(seeds[-1])
     t = time_shift(sample_t(global_batch, time_dist, generator=g), alpha)[rows]
     drop = (torch.rand(global_batch, generator=g) < class_dropout)[rows]
-    g = torch.Generator(device)
+    g = torch.Generator(device)  # own generators: the rank's streams stay untouched
     eps = torch.stack([torch.randn(latent_shape, generator=g.manual_seed(seeds[r]), device=device)
                        for r in rows.tolist()])
     return eps, t.to(device), drop.to(device)
 
 
 def flow_loss(model, x, y, alpha, time_dist='logit-normal', eps=None, t=None):
-    """Per-sample loss ||v_theta(x_t, t, y) - (eps - x)||^2 / dim at shifted random times t: [B].
-
-    Without eps and t, they are drawn here (eps, then t; the model drops labels itself: the released training
-    code's order, so a seeded call reproduces it); diffusion_train.py passes those of step_draws.
-    """
+    """Per-sample loss ||v_theta(x_t, t, y) - (eps - x)||^2 / dim at shifted random times t: [B]. Unless given (as
+    diffusion_train.py gives step_draws'), eps then t are drawn here and the model drops labels: the release's order."""
     eps = torch.randn_like(x) if eps is None else eps
     t = time_shift(sample_t(len(x), time_dist), alpha).to(x.device) if t is None else t
     tt = t.view(-1, 1, 1, 1)
@@ -731,11 +682,8 @@ def sample_grid(num_steps=50, alpha=1.0):
 
 @torch.no_grad()
 def sample_ode(velocity, x, num_steps=50, alpha=1.0, method='euler', trajectory=False, progress=False):
-    """Integrate dx/dt = v(x, t) from t = 1 (x = noise) down the grid: num_steps points = num_steps - 1 updates.
-
-    Like the released sampler, the last point is t = shift(0.001), not 0: the sample keeps a trace of noise.
-    Heun uses two velocity calls per update. trajectory=True returns all num_steps states [num_steps, B, ...].
-    """
+    """Integrate dx/dt = v(x, t) from t = 1 (noise) down the grid in num_steps - 1 Euler or Heun (2 calls) updates.
+    Like the released sampler it stops at t = shift(0.001), not 0. trajectory=True: all num_steps states."""
     if method not in ('euler', 'heun'):
         raise ValueError(f'unknown sampler {method!r}; use euler or heun')
     grid = sample_grid(num_steps, alpha).to(x.device)
@@ -744,8 +692,7 @@ def sample_ode(velocity, x, num_steps=50, alpha=1.0, method='euler', trajectory=
         t, dt = grid[i].expand(len(x)), grid[i + 1] - grid[i]
         v = velocity(x, t).to(x.dtype)
         if method == 'heun':
-            v_next = velocity(x + dt * v, grid[i + 1].expand(len(x))).to(x.dtype)
-            v = (v + v_next) / 2
+            v = (v + velocity(x + dt * v, grid[i + 1].expand(len(x))).to(x.dtype)) / 2
         x = x + dt * v
         if trajectory:
             states.append(x)
@@ -753,30 +700,27 @@ def sample_ode(velocity, x, num_steps=50, alpha=1.0, method='euler', trajectory=
 
 
 def guided_velocity(model, y, cfg_scale=1.0, cfg_interval=(0.0, 1.0), guide=None, guide_scale=1.0):
-    """v(x_t, t) for the sampler: plain, CFG, or AutoGuidance, guided only where t_min <= t <= t_max.
-
-    CFG (null label):         v = v_u + w (v_c - v_u)
-    AutoGuidance (App. D):    v = v_g + w (v_m - v_g), v_g from a weaker guide model given the same labels
-    The interval is tested per sample on the model's own (shifted) time, inclusive, for both DiTs (README's table
-    of differences). w = 1 means no guidance.
-    """
-    if cfg_scale != 1 and guide is not None and guide_scale != 1:
-        raise ValueError('use either CFG or AutoGuidance, not both')
-    t_min, t_max = cfg_interval
+    """v(x_t, t) for the sampler: plain, CFG or AutoGuidance (w = 1: none), guided where t_min <= t <= t_max, tested
+    per sample on the model's own (shifted) time, inclusive, for both DiTs (README's table of differences).
+      CFG (null label):         v = v_u + w (v_c - v_u)
+      AutoGuidance (App. D):    v = v_g + w (v_m - v_g), v_g from a weaker guide model given the same labels"""
     autoguidance, cfg = guide is not None and guide_scale != 1, cfg_scale != 1
+    if cfg and autoguidance:
+        raise ValueError('use either CFG or AutoGuidance, not both')
+    if not (cfg or autoguidance):
+        return lambda x, t: model(x, t, y)
+    t_min, t_max = cfg_interval
+    w = guide_scale if autoguidance else cfg_scale
     y_cfg = torch.cat([y, torch.full_like(y, model.num_classes)]) if cfg else None  # [conditional, null]
 
     def velocity(x, t):
-        if not (autoguidance or cfg):
-            return model(x, t, y)
         inside = (t >= t_min) & (t <= t_max)
         if (t_min > 0 or t_max < 1) and not inside.any():  # outside the interval: no guidance forward (one sync)
             return model(x, t, y)
-        inside = inside.view(-1, 1, 1, 1)
         if autoguidance:
-            v_m, v_g = model(x, t, y), guide(x, t, y)
-            return torch.where(inside, v_g + guide_scale * (v_m - v_g), v_m)
-        v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), y_cfg).chunk(2)  # one forward on the doubled batch
-        return torch.where(inside, v_u + cfg_scale * (v_c - v_u), v_c)
+            v, v_weak = model(x, t, y), guide(x, t, y)
+        else:  # v_c and v_u from one forward on the doubled batch
+            v, v_weak = model(torch.cat([x, x]), torch.cat([t, t]), y_cfg).chunk(2)
+        return torch.where(inside.view(-1, 1, 1, 1), v_weak + w * (v - v_weak), v)
 
     return velocity

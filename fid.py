@@ -9,22 +9,19 @@ TensorFlow Inception-v3 graph written out by hand in PyTorch.
   python fid.py --write-ref val256.npz /data/imagenet/val --image-size 256 --keep-images 10000
   python fid.py recon.npz val256.npz                              # rFID against the statistics written above
 
-Samples are uint8 images (N, H, W, 3) under `arr_0` in an .npz (what sample.py writes), read in batches
-straight from the zip. Any H = W works: the network resizes to 299 as the TF graph did. From Python
-(e.g. online FID during training):
+Samples are uint8 images (N, H, W, 3) under `arr_0` in an .npz (what sample.py writes), read in batches straight
+from the zip; any H = W works (resized to 299 as the TF graph did). From Python (e.g. online FID in training):
 
   model = fid.InceptionV3.from_pretrained().to('cuda')
   ref = fid.load_reference('imagenet256')                          # load once, reuse
   metrics = fid.evaluate(uint8_nhwc_batches, ref, model=model, pr=False)
-
-Sections: the network, reading images, the metrics, evaluation, the command line.
 """
 import argparse
 import os
 import sys
 import warnings
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from files import (NpzImages, center_crop_arr, copy_weights, download, list_images, load_state_dict_file, open_rgb,
-                   write_images_npy)
+from files import (NpzImages, center_crop_arr, check_format, copy_weights, download, list_images,
+                   load_state_dict_file, open_rgb, write_images_npy)
 from runtime import one_line_errors, set_tf32
 
 # The pytorch-fid port of the 2015-12-05 TF graph that ADM's evaluator runs (566 keys, torchvision layout).
@@ -65,12 +62,9 @@ def exact_fp32():
 # The network: Inception-v3 as in the 2015 TF graph (the "FID Inception")
 
 def tf1_resize(x, size=299):
-    """Bilinear resize with TF1's legacy ResizeBilinear rule: src = i * in/out, no half-pixel offset.
-
-    PyTorch's align_corners=False samples at (i + 0.5) * in/out - 0.5, a shift of ~0.07 px at 256 -> 299 that
-    moves FID measurably. The lerps run in the TF CPU kernel's order (along x first, then y), so the result is
-    bit-identical to TF in float32.
-    """
+    """Bilinear resize with TF1's legacy ResizeBilinear rule: src = i * in/out, no half-pixel offset (PyTorch's
+    align_corners=False is ~0.07 px off at 256 -> 299, which moves FID measurably). The lerps run in the TF CPU
+    kernel's order (along x, then y): bit-identical to TF in float32."""
     def taps(n_in):
         ftype = np.float64 if x.dtype == torch.float64 else np.float32  # TF: the scale in float, then i * scale
         src = np.arange(size, dtype=ftype) * (ftype(n_in) / ftype(size))
@@ -104,118 +98,86 @@ class BasicConv2d(nn.Module):
         return F.relu(self.bn(self.conv(x)), inplace=True)  # in place: a third less activation memory
 
 
-def avg_pool(x):
-    # TF's SAME average pooling divides by the number of real pixels: padding is not counted
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+# TF's SAME average pooling divides by the number of real pixels: padding is not counted
+POOLS = {'avg': lambda x: F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False),
+         'max': lambda x: F.max_pool2d(x, 3, stride=1, padding=1),
+         'max/2': lambda x: F.max_pool2d(x, 3, stride=2)}
 
 
-class InceptionA(nn.Module):
-    """35x35 block (Mixed_5b-5d): 1x1 | 5x5 | double 3x3 | avg-pool, concatenated."""
+class Mixed(nn.Module):
+    """An Inception block: branches side by side on one input, their outputs concatenated on channels. A branch
+    is a chain of steps: a pool (a key of POOLS), a conv (name, c_out, kernel[, stride]), or a list of convs that
+    all read the step's input (the 1x3 | 3x1 pairs of Mixed_7b, 7c). Stride-1 convs keep the size (TF's SAME
+    padding), stride-2 ones do not pad (VALID)."""
 
-    def __init__(self, c_in, pool_features):
+    def __init__(self, c_in, branches):
         super().__init__()
-        self.branch1x1 = BasicConv2d(c_in, 64, 1)
-        self.branch5x5_1 = BasicConv2d(c_in, 48, 1)
-        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
-        self.branch_pool = BasicConv2d(c_in, pool_features, 1)
-
-    def forward(self, x):
-        return torch.cat([self.branch1x1(x),
-                          self.branch5x5_2(self.branch5x5_1(x)),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          self.branch_pool(avg_pool(x))], 1)
-
-
-class InceptionB(nn.Module):
-    """Grid reduction 35 -> 17 (Mixed_6a): strided 3x3 | double 3x3 | max-pool."""
-
-    def __init__(self, c_in):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(c_in, 384, 3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([self.branch3x3(x),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionC(nn.Module):
-    """17x17 block (Mixed_6b-6e) with factorised 7x7 convolutions (1x7 then 7x1)."""
-
-    def __init__(self, c_in, c7):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(c_in, 192, 1)
-        self.branch7x7_1 = BasicConv2d(c_in, c7, 1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(c_in, c7, 1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(c_in, 192, 1)
+        self.plan = []  # per branch, its steps: a pool name or the names of the convs
+        for branch in branches:
+            c, steps = c_in, []
+            for step in branch:
+                if isinstance(step, str):
+                    steps.append(step)
+                    continue
+                convs = step if isinstance(step, list) else [step]
+                for name, c_out, kernel, *stride in convs:
+                    self.add_module(name, BasicConv2d(c, c_out, kernel, *stride, padding=0 if stride else 'same'))
+                steps.append([name for name, *_ in convs])
+                c = c_out
+            self.plan.append(steps)
 
     def branches(self, x):
-        b = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
-        return [self.branch1x1(x),
-                self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
-                self.branch7x7dbl_5(self.branch7x7dbl_4(b)),
-                self.branch_pool(avg_pool(x))]
+        outs = []
+        for steps in self.plan:
+            ys = [x]
+            for step in steps:
+                ys = [POOLS[step](ys[0])] if isinstance(step, str) else [getattr(self, n)(ys[0]) for n in step]
+            outs += ys
+        return outs
 
     def forward(self, x):
         return torch.cat(self.branches(x), 1)
 
 
-class InceptionD(nn.Module):
+def inception_a(c_in, pool_features):
+    """35x35 block (Mixed_5b-5d): 1x1 | 5x5 | double 3x3 | avg-pool."""
+    return Mixed(c_in, [[('branch1x1', 64, 1)],
+                        [('branch5x5_1', 48, 1), ('branch5x5_2', 64, 5)],
+                        [('branch3x3dbl_1', 64, 1), ('branch3x3dbl_2', 96, 3), ('branch3x3dbl_3', 96, 3)],
+                        ['avg', ('branch_pool', pool_features, 1)]])
+
+
+def inception_b(c_in):
+    """Grid reduction 35 -> 17 (Mixed_6a): strided 3x3 | double 3x3 | max-pool."""
+    return Mixed(c_in, [[('branch3x3', 384, 3, 2)],
+                        [('branch3x3dbl_1', 64, 1), ('branch3x3dbl_2', 96, 3), ('branch3x3dbl_3', 96, 3, 2)],
+                        ['max/2']])
+
+
+def inception_c(c_in, c7):
+    """17x17 block (Mixed_6b-6e) with factorised 7x7 convolutions (1x7 then 7x1)."""
+    return Mixed(c_in, [[('branch1x1', 192, 1)],
+                        [('branch7x7_1', c7, 1), ('branch7x7_2', c7, (1, 7)), ('branch7x7_3', 192, (7, 1))],
+                        [('branch7x7dbl_1', c7, 1), ('branch7x7dbl_2', c7, (7, 1)), ('branch7x7dbl_3', c7, (1, 7)),
+                         ('branch7x7dbl_4', c7, (7, 1)), ('branch7x7dbl_5', 192, (1, 7))],
+                        ['avg', ('branch_pool', 192, 1)]])
+
+
+def inception_d(c_in):
     """Grid reduction 17 -> 8 (Mixed_7a): 3x3 | 7x7 then 3x3 | max-pool."""
-
-    def __init__(self, c_in):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(c_in, 192, 1)
-        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(c_in, 192, 1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        b = self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x)))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)),
-                          self.branch7x7x3_4(b),
-                          F.max_pool2d(x, 3, stride=2)], 1)
+    return Mixed(c_in, [[('branch3x3_1', 192, 1), ('branch3x3_2', 320, 3, 2)],
+                        [('branch7x7x3_1', 192, 1), ('branch7x7x3_2', 192, (1, 7)), ('branch7x7x3_3', 192, (7, 1)),
+                         ('branch7x7x3_4', 192, 3, 2)],
+                        ['max/2']])
 
 
-class InceptionE(nn.Module):
+def inception_e(c_in, pool):
     """8x8 block (Mixed_7b, 7c) with expanded 1x3 / 3x1 branches."""
-
-    def __init__(self, c_in, pool):
-        super().__init__()
-        self.pool = pool
-        self.branch1x1 = BasicConv2d(c_in, 320, 1)
-        self.branch3x3_1 = BasicConv2d(c_in, 384, 1)
-        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(c_in, 448, 1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(c_in, 192, 1)
-
-    def forward(self, x):
-        a = self.branch3x3_1(x)
-        b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        # the 2015 graph max-pools in its last block (Mixed_7c), most likely a slip that every FID keeps
-        p = avg_pool(x) if self.pool == 'avg' else F.max_pool2d(x, 3, stride=1, padding=1)
-        return torch.cat([self.branch1x1(x),
-                          self.branch3x3_2a(a), self.branch3x3_2b(a),
-                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b),
-                          self.branch_pool(p)], 1)
+    return Mixed(c_in, [[('branch1x1', 320, 1)],
+                        [('branch3x3_1', 384, 1), [('branch3x3_2a', 384, (1, 3)), ('branch3x3_2b', 384, (3, 1))]],
+                        [('branch3x3dbl_1', 448, 1), ('branch3x3dbl_2', 384, 3),
+                         [('branch3x3dbl_3a', 384, (1, 3)), ('branch3x3dbl_3b', 384, (3, 1))]],
+                        [pool, ('branch_pool', 192, 1)]])
 
 
 class InceptionV3(nn.Module):
@@ -228,17 +190,18 @@ class InceptionV3(nn.Module):
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)   # 147, then max-pool -> 73
         self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
         self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)             # 71, then max-pool -> 35
-        self.Mixed_5b = InceptionA(192, pool_features=32)        # 256 channels
-        self.Mixed_5c = InceptionA(256, pool_features=64)        # 288
-        self.Mixed_5d = InceptionA(288, pool_features=64)        # 288
-        self.Mixed_6a = InceptionB(288)                          # 768 @ 17
-        self.Mixed_6b = InceptionC(768, c7=128)
-        self.Mixed_6c = InceptionC(768, c7=160)
-        self.Mixed_6d = InceptionC(768, c7=160)
-        self.Mixed_6e = InceptionC(768, c7=192)
-        self.Mixed_7a = InceptionD(768)                          # 1280 @ 8
-        self.Mixed_7b = InceptionE(1280, pool='avg')             # 2048
-        self.Mixed_7c = InceptionE(2048, pool='max')             # 2048
+        self.Mixed_5b = inception_a(192, pool_features=32)       # 256 channels
+        self.Mixed_5c = inception_a(256, pool_features=64)       # 288
+        self.Mixed_5d = inception_a(288, pool_features=64)       # 288
+        self.Mixed_6a = inception_b(288)                         # 768 @ 17
+        self.Mixed_6b = inception_c(768, c7=128)
+        self.Mixed_6c = inception_c(768, c7=160)
+        self.Mixed_6d = inception_c(768, c7=160)
+        self.Mixed_6e = inception_c(768, c7=192)
+        self.Mixed_7a = inception_d(768)                         # 1280 @ 8
+        self.Mixed_7b = inception_e(1280, pool='avg')            # 2048
+        # the 2015 graph max-pools in its last block, most likely a slip that every FID keeps
+        self.Mixed_7c = inception_e(2048, pool='max')            # 2048
         self.fc = nn.Linear(2048, 1008)  # TF softmax/logits: 1008 classes (1000 + unused)
 
     @classmethod
@@ -249,11 +212,9 @@ class InceptionV3(nn.Module):
 
     def load_weights(self, state_dict, what='Inception weights'):
         """Copy a state dict with the pytorch-fid key names; BatchNorm step counters may be absent."""
-        sd = dict(state_dict)
-        for k, v in self.state_dict().items():
-            if k.endswith('num_batches_tracked'):
-                sd.setdefault(k, v)  # unused in eval mode; torch-fidelity's converter does not write them
-        copy_weights(self, sd, what)
+        # the counters are unused in eval mode; torch-fidelity's converter does not write them
+        counters = {k: v for k, v in self.state_dict().items() if k.endswith('num_batches_tracked')}
+        copy_weights(self, {**counters, **state_dict}, what)
         return self.eval().requires_grad_(False)
 
     def forward(self, images):
@@ -282,21 +243,6 @@ class InceptionV3(nn.Module):
 # -----------------------------------------------------------------------------------------------------------
 # Reading images: an .npz streamed batch by batch (files.NpzImages), or a folder
 
-class _ImageFiles(torch.utils.data.Dataset):
-    def __init__(self, files, crop=None):
-        self.files, self.crop = files, crop
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        try:
-            im = open_rgb(self.files[i])
-        except (OSError, ValueError, SyntaxError):  # truncated, corrupt or not an image: skipped and counted
-            return None, i
-        return np.array(center_crop_arr(im, self.crop) if self.crop else im), i
-
-
 def _readable(items):
     """DataLoader collate: (uint8 batch of the readable images or None, their indices, indices of unreadable)."""
     good = [(a, i) for a, i in items if a is not None]
@@ -305,10 +251,8 @@ def _readable(items):
 
 class FolderImages:
     """A folder (searched recursively) of same-size images, decoded in parallel; `crop` applies ADM's centre crop.
-
     Unreadable files are skipped and counted (`skipped`; the first is named on stderr); `indices` are the file
-    indices of the batch last yielded.
-    """
+    indices of the batch last yielded."""
 
     def __init__(self, folder, crop=None, workers=None):
         if not os.path.isdir(folder):
@@ -318,26 +262,28 @@ class FolderImages:
         if crop is None:  # headers only: a size mismatch fails now, not an hour into the run
             size = None
             for p in self.files:
-                try:
-                    with Image.open(p) as im:
-                        size = size or (im.size, p)
-                        if im.size != size[0]:
-                            raise ValueError(f'{p}: image size {im.size[0]}x{im.size[1]} differs from '
-                                             f'{size[1].name} ({size[0][0]}x{size[0][1]}); samples must share one size')
-                except (OSError, SyntaxError):
-                    pass  # unreadable: skipped when read
+                with suppress(OSError, SyntaxError), Image.open(p) as im:  # unreadable: skipped when read
+                    size = size or (im.size, p)
+                    if im.size != size[0]:
+                        raise ValueError(f'{p}: image size {im.size[0]}x{im.size[1]} differs from '
+                                         f'{size[1].name} ({size[0][0]}x{size[0][1]}); samples must share one size')
 
     def __len__(self):
         return len(self.files)
 
+    def __getitem__(self, i):  # for the DataLoader: (the image, or None when unreadable; its index)
+        try:
+            im = open_rgb(self.files[i])
+        except (OSError, ValueError, SyntaxError):  # truncated, corrupt or not an image: skipped and counted
+            return None, i
+        return np.array(center_crop_arr(im, self.crop) if self.crop else im), i
+
     def batches(self, batch_size):
-        loader = torch.utils.data.DataLoader(_ImageFiles(self.files, self.crop), batch_size=batch_size,
-                                             num_workers=self.workers, collate_fn=_readable)
+        loader = torch.utils.data.DataLoader(self, batch_size, num_workers=self.workers, collate_fn=_readable)
         for b, self.indices, bad in loader:
-            for i in bad:
-                if not self.skipped:
-                    print(f'warning: {self.files[i]} is unreadable: skipped (and counted)', file=sys.stderr)
-                self.skipped += 1
+            if bad and not self.skipped:
+                print(f'warning: {self.files[bad[0]]} is unreadable: skipped (and counted)', file=sys.stderr)
+            self.skipped += len(bad)
             if b is not None:
                 yield b
         if self.skipped:
@@ -346,8 +292,7 @@ class FolderImages:
 
 def open_images(path, workers=None):
     """Samples from an .npz (`arr_0`) or a folder of images: an object with len() and batches(batch_size)."""
-    path = str(path)
-    return FolderImages(path, workers=workers) if os.path.isdir(path) else NpzImages(path)
+    return FolderImages(str(path), workers=workers) if os.path.isdir(path) else NpzImages(path)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -357,13 +302,12 @@ class FeatureStats:
     """Running mean and unbiased covariance (np.mean / np.cov semantics) in float64, keeping no features."""
 
     def __init__(self):
-        self.n, self.shift, self.sum, self.outer = 0, None, None, None
+        self.n, self.shift, self.sum, self.outer = 0, None, 0, 0
 
     def update(self, feats):
         x = feats.double()
         if self.shift is None:  # centring on the first batch keeps x^T x free of cancellation
             self.shift = x.mean(0)
-            self.sum, self.outer = torch.zeros_like(self.shift), x.new_zeros(x.shape[1], x.shape[1])
         x = x - self.shift
         self.n += len(x)
         self.sum += x.sum(0)
@@ -386,21 +330,16 @@ def _sqrtm(a):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr(sqrtm(S1 S2)) in float64, with ADM's safeguards (samples first)."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f'statistics of different sizes: {mu1.shape} vs {mu2.shape}')
-    diff = mu1 - mu2
+    mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
     covmean = _sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():  # a (near-)singular product: regularise both covariances and retry
         warnings.warn(f'fid calculation produces singular product; adding {eps} to diagonal of cov estimates')
         offset = np.eye(len(sigma1)) * eps
         covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):  # round-off can leave a small imaginary part
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f'sqrtm has a large imaginary component {np.max(np.abs(covmean.imag)):.3g}')
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    # round-off can leave a small imaginary part (dropped by .real below)
+    if np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+        raise ValueError(f'sqrtm has a large imaginary component {np.max(np.abs(covmean.imag)):.3g}')
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
 
 
 def inception_score(logits, split_size=5000):
@@ -444,16 +383,12 @@ def manifold_radii(feats, k=3, block=10000):
 
 
 def precision_recall(ref, samples, k=3, block=10000):
-    """Improved precision/recall (Kynkaanniemi et al. 2019) on pool3 features, as ADM's ManifoldEstimator.
-
-    precision: fraction of samples inside some reference point's k-NN ball; recall: fraction of reference points
-    inside some sample's k-NN ball. Distances run reference-by-sample, ADM's orientation (fp16 rounding is not
-    symmetric).
-    """
+    """Improved precision/recall (Kynkaanniemi et al. 2019) on pool3 features, as ADM's ManifoldEstimator: the
+    fractions of samples inside some reference point's k-NN ball and of reference points inside some sample's.
+    Distances run reference-by-sample, ADM's orientation (fp16 rounding is not symmetric)."""
     ref, samples = torch.as_tensor(ref), torch.as_tensor(samples, device=torch.as_tensor(ref).device)
     r_ref, r_samples = manifold_radii(ref, k, block), manifold_radii(samples, k, block)
-    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=ref.device)
-    samples_in = torch.zeros(len(samples), dtype=torch.bool, device=ref.device)
+    ref_in, samples_in = (torch.zeros(len(a), dtype=torch.bool, device=ref.device) for a in (ref, samples))
     for i in range(0, len(ref), block):
         for j in range(0, len(samples), block):
             d = pairwise_sq_distances(ref[i:i + block], samples[j:j + block])
@@ -465,20 +400,13 @@ def precision_recall(ref, samples, k=3, block=10000):
 # -----------------------------------------------------------------------------------------------------------
 # Evaluation
 
-def reference_path(reference):
-    """A reference batch by name (imagenet256, imagenet512, ...) is downloaded once from ADM's bucket."""
-    if reference in ADM_REFS:
-        return download(ADM_REF_BASE + ADM_REFS[reference])
-    if not os.path.isfile(reference):
-        raise FileNotFoundError(f'{reference}: no such file (named references: {", ".join(ADM_REFS)})')
-    return reference
-
-
 def load_reference(reference):
-    """An ADM-style reference .npz -> {mu, sigma, mu_s, sigma_s (float64), images (NpzImages or None)}."""
-    path = reference_path(reference)
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f'{path}: not an .npz file')
+    """An ADM-style reference .npz, or one by name (imagenet256, imagenet512, ...) downloaded once from ADM's
+    bucket -> {mu, sigma, mu_s, sigma_s (float64), images (NpzImages or None)}."""
+    path = download(ADM_REF_BASE + ADM_REFS[reference]) if reference in ADM_REFS else reference
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path}: no such file (named references: {", ".join(ADM_REFS)})')
+    check_format(path, '.npz')
     try:
         with np.load(path) as f:
             keys = set(f.files)
@@ -489,47 +417,30 @@ def load_reference(reference):
     except (zipfile.BadZipFile, OSError) as e:
         raise ValueError(f'{path}: not a readable .npz ({e})') from None
     for k, s, d in (('mu', 'sigma', 2048), ('mu_s', 'sigma_s', 2023)):
-        if (k in ref) != (s in ref):
-            raise ValueError(f'{path}: has one of {k}/{s} without the other')
-        if k in ref and (ref[k].shape != (d,) or ref[s].shape != (d, d)):
-            raise ValueError(f'{path}: {k}/{s} have shapes {ref[k].shape}/{ref[s].shape}, expected ({d},)/({d}, {d})')
+        shapes = tuple(ref[a].shape if a in ref else None for a in (k, s))  # both absent, or both of the right size
+        if shapes != (None, None) and shapes != ((d,), (d, d)):
+            raise ValueError(f'{path}: {k}/{s} have shapes {shapes[0]}/{shapes[1]}, expected ({d},)/({d}, {d})')
     ref['images'] = NpzImages(path) if 'arr_0' in keys else None
     return ref
 
 
-def _check_batch(b):
-    uint8 = b.dtype == (torch.uint8 if torch.is_tensor(b) else np.uint8)
-    if not uint8 or b.ndim != 4 or b.shape[-1] != 3:
-        raise ValueError(f'sample batches must be uint8 (B, H, W, 3), got {b.dtype} {tuple(b.shape)}')
-    return b
-
-
 @torch.no_grad()
-def _embed(model, batches, feats, total=None, desc='Inception', progress=True):
-    """Feed uint8 NHWC batches through Inception into feats = (pool3 list, FeatureStats pool3, FeatureStats sFID),
-    yielding each batch once it is in (so that write_reference can store images on their way)."""
-    device = model.fc.weight.device
+def extract_features(model, batches, total=None, desc='Inception', progress=True):
+    """uint8 NHWC batches -> (pool3 [N,2048] float32, FeatureStats pool3, FeatureStats sFID). Only pool3 (8 KB an
+    image, needed for IS and precision/recall) is kept; the covariances accumulate as we go."""
+    pool3, stats, stats_s = [], FeatureStats(), FeatureStats()
     with tqdm(total=total, desc=desc, unit='img', disable=not progress) as bar:
         for b in batches:
-            p, s = model(torch.as_tensor(_check_batch(b)).to(device, non_blocking=True).permute(0, 3, 1, 2))
-            feats[0].append(p.float())
-            feats[1].update(p)
-            feats[2].update(s)
+            if b.dtype != (torch.uint8 if torch.is_tensor(b) else np.uint8) or b.ndim != 4 or b.shape[-1] != 3:
+                raise ValueError(f'sample batches must be uint8 (B, H, W, 3), got {b.dtype} {tuple(b.shape)}')
+            p, s = model(torch.as_tensor(b).to(model.fc.weight.device, non_blocking=True).permute(0, 3, 1, 2))
+            pool3.append(p.float())
+            stats.update(p)
+            stats_s.update(s)
             bar.update(len(b))
-            yield b
-
-
-def extract_features(model, batches, total=None, desc='Inception', progress=True):
-    """uint8 NHWC batches -> (pool3 [N,2048] float32, FeatureStats pool3, FeatureStats sFID).
-
-    Only pool3 (8 KB an image, needed for IS and precision/recall) is kept; the covariances accumulate as we go.
-    """
-    feats = [], FeatureStats(), FeatureStats()
-    for _ in _embed(model, batches, feats, total, desc, progress):
-        pass
-    if not feats[0]:
+    if not pool3:
         raise ValueError('no images to evaluate')
-    return torch.cat(feats[0]), feats[1], feats[2]
+    return torch.cat(pool3), stats, stats_s
 
 
 def _setup(model, device, batch_size):
@@ -541,23 +452,20 @@ def _setup(model, device, batch_size):
 
 def evaluate(samples, reference, model=None, device=None, batch_size=None, pr=True, workers=None, progress=True):
     """IS, FID, sFID, Precision, Recall of samples against a reference batch, as ADM's evaluator prints them.
-
     samples: an .npz / folder path, open_images() of one, or an iterable of uint8 (B, H, W, 3) batches (numpy or
     torch, any device; quantise generated images first, as the saved .npz would be).
     reference: a name (imagenet256, imagenet512), an .npz path, or the dict of load_reference (reused, and the
     reference images' pool3 features are cached in it). sFID and P/R are left out when the reference lacks
-    mu_s/sigma_s or images.
-    """
+    mu_s/sigma_s or images."""
     ref = reference if isinstance(reference, dict) else load_reference(reference)
     if pr and ref.get('images') is not None and len(ref['images']) < 4:
         raise ValueError(f'precision/recall need at least 4 reference images (k = 3), got {len(ref["images"])}')
     if isinstance(samples, (str, Path)):
         samples = open_images(samples, workers)
     model, batch_size = _setup(model, device, batch_size)
-    total = None
-    if hasattr(samples, 'batches'):
-        samples, total = samples.batches(batch_size), len(samples)
-    pool3, stats, stats_s = extract_features(model, samples, total, 'samples', progress)
+    total = len(samples) if hasattr(samples, 'batches') else None
+    batches = samples if total is None else samples.batches(batch_size)
+    pool3, stats, stats_s = extract_features(model, batches, total, 'samples', progress)
     mu, sigma = stats.mu_sigma()
     out = {'IS': inception_score(model.logits(pool3)), 'FID': frechet_distance(mu, sigma, ref['mu'], ref['sigma'])}
     if 'mu_s' in ref:
@@ -574,29 +482,31 @@ def evaluate(samples, reference, model=None, device=None, batch_size=None, pr=Tr
 def write_reference(folder, out, image_size, keep_images=0, model=None, device=None, batch_size=None,
                     workers=None, seed=0, progress=True):
     """Reference statistics of a folder (e.g. ImageNet val for rFID) after ADM's centre crop to image_size.
-
     Writes mu, sigma, mu_s, sigma_s and, with keep_images > 0, that many cropped images as arr_0 (a fixed random
     subset of the files, in folder order; unreadable ones are skipped) for precision/recall. The chosen images wait
-    in a memory-mapped temporary file next to `out`: memory stays at one batch.
-    """
+    in a memory-mapped temporary file next to `out`: memory stays at one batch."""
     src = FolderImages(folder, crop=image_size, workers=workers)
     keep = np.zeros(len(src), bool)
     keep[np.random.RandomState(seed).permutation(len(src))[:keep_images]] = True
     model, batch_size = _setup(model, device, batch_size)
-    feats, part, n = ([], FeatureStats(), FeatureStats()), f'{out}.part', 0
-    chosen = np.lib.format.open_memmap(part + '.arr_0', 'w+', np.uint8, (int(keep.sum()), image_size, image_size, 3)) \
-        if keep.any() else None
-    try:
-        for b in _embed(model, src.batches(batch_size), feats, len(src), 'reference', progress):
-            if chosen is not None:  # the chosen images, on their way through the network
-                mine = b[keep[src.indices]]
-                chosen[n:n + len(mine)], n = mine, n + len(mine)
-        if not feats[0]:
+    part, n, shape = f'{out}.part', 0, (int(keep.sum()), image_size, image_size, 3)
+    chosen = np.lib.format.open_memmap(part + '.arr_0', 'w+', np.uint8, shape) if keep.any() else np.zeros(shape, 'u1')
+
+    def keeping(batches):  # copies the chosen images out on their way through the network
+        nonlocal n
+        for b in batches:
+            mine = b[keep[src.indices]]
+            chosen[n:n + len(mine)], n = mine, n + len(mine)
+            yield b
+        if src.skipped == len(src):
             raise ValueError(f'{folder}: no readable images')
+
+    try:
+        _, stats, stats_s = extract_features(model, keeping(src.batches(batch_size)), len(src), 'reference', progress)
         with zipfile.ZipFile(part, 'w') as zf:
-            if chosen is not None:
-                write_images_npy(zf, (n, image_size, image_size, 3), (chosen[i:i + 1000] for i in range(0, n, 1000)))
-            for name, a in zip(('mu', 'sigma', 'mu_s', 'sigma_s'), (*feats[1].mu_sigma(), *feats[2].mu_sigma())):
+            if keep.any():
+                write_images_npy(zf, (n, *shape[1:]), (chosen[i:i + 1000] for i in range(0, n, 1000)))
+            for name, a in zip(('mu', 'sigma', 'mu_s', 'sigma_s'), (*stats.mu_sigma(), *stats_s.mu_sigma())):
                 with zf.open(name + '.npy', 'w', force_zip64=True) as f:
                     np.lib.format.write_array(f, a)
         os.replace(part, out)
@@ -626,8 +536,7 @@ def main(argv=None):
                                                                  'GPU, 50 on CPU, ~1.1 GB of activations there)')
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
     p.add_argument('--workers', type=int, default=None, help='image decoding processes for folders')
-    p.add_argument('--no-pr', action='store_true', help='skip precision/recall (saves embedding the 10k '
-                                                        'reference images)')
+    p.add_argument('--no-pr', action='store_true', help='skip precision/recall (and embedding the 10k references)')
     p.add_argument('--weights', default=None, help='local copy of pt_inception-2015-12-05-6726825d.pth')
     args = p.parse_args(argv)
     if args.write_ref is None and args.reference is None:
@@ -647,10 +556,8 @@ def main(argv=None):
         model = InceptionV3.from_pretrained(args.weights).to(device)
         m = evaluate(src, ref, model, batch_size=args.batch_size, pr=not args.no_pr)
     print('Computing evaluations...')
-    names = {'IS': 'Inception Score', 'FID': 'FID', 'sFID': 'sFID', 'Precision': 'Precision', 'Recall': 'Recall'}
-    for k, name in names.items():
-        if k in m:
-            print(f'{name}: {m[k]}')
+    for k, v in m.items():  # ADM's lines, in its order
+        print(f'{"Inception Score" if k == "IS" else k}: {v}')
 
 
 if __name__ == '__main__':

@@ -1,12 +1,14 @@
 """
-Files in and out, shared by every script: downloads into the cache, weight files (safetensors, torch) and
-checkpoint dicts, images (the ADM centre crop, 8-bit quantisation, PNG grids) and .npz files of uint8 images.
+Files in and out, shared by every script: downloads into the cache, weight files (safetensors, torch), checkpoint
+dicts and the published layouts, images (the ADM centre crop, 8-bit quantisation, PNG grids) and .npz files of
+uint8 images.
 """
 import contextlib
 import hashlib
 import json
 import math
 import os
+import re
 import struct
 import sys
 import time
@@ -22,41 +24,28 @@ from tqdm.auto import tqdm
 
 # -----------------------------------------------------------------------------------------------------------
 # Downloads: one cache (RAE_CACHE, default ~/.cache/rae), a .part file renamed only when complete and verified
+RETRY_STATUS = (429, 500, 502, 503, 504)  # transient server answers: retried with back-off; other errors are final
 
 
-def hf_url(repo_id, path, revision='main'):
+def hf_url(repo_id, path):
     """URL of a file on the Hugging Face hub; HF_ENDPOINT points it at a mirror (the hub convention)."""
     endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
-    return f'{endpoint}/{repo_id}/resolve/{revision}/{path}'
+    return f'{endpoint}/{repo_id}/resolve/main/{path}'
 
 
 def cache_dir():
     return Path(os.environ.get('RAE_CACHE', Path.home() / '.cache' / 'rae'))
 
 
-RETRY_STATUS = (429, 500, 502, 503, 504)  # transient server answers: retried with back-off; other errors are final
-
-
 def download(url, sha256=None, size=None, filename=None, retries=5, md5=None):
-    """Fetch url into the cache once and return the local path.
-
-    The cache path is the URL's path without the host (so an HF_ENDPOINT mirror shares the cache). Data goes to
-    `<path>.part` and is renamed when complete and verified, so a crash never leaves a bad file under the final
-    name; an interrupted download resumes from the partial file with an HTTP Range request. sha256 / md5: the
-    published hex digest, or its first digits (torchvision names its files after 8 of them); checked once, on
-    download. A body of unknown length or served as HTML must parse as its format (check_format) before it is
-    cached; a cached file that does not is moved aside to `<name>.bad` and fetched again. Processes that want the
-    same file take turns through `<path>.lock`.
-    """
-    rel = filename or urlparse(url).path.lstrip('/')
-    if not rel or rel.endswith('/'):
-        rel = hashlib.sha256(url.encode()).hexdigest()[:16]
-    path = cache_dir() / rel
+    """Fetch url once into the cache at the URL's path without the host (a mirror shares it) or filename; -> the
+    path. sha256 / md5: the published hex digest or its first digits (torchvision names its files after 8)."""
+    path = cache_dir() / (filename or urlparse(url).path.lstrip('/'))
     if cached(path, size):
         return str(path)  # cache hit: no request at all
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(path.with_name(path.name + '.lock')) as lock:
+        with file_lock(path.with_name(path.name + '.lock')) as lock:  # processes that want one file take turns
             if not cached(path, size):  # another process may have fetched it while we waited
                 fetch(url, path, lock, sha256, md5, size, retries)
     except OSError as e:  # read-only or full cache (requests' errors are RuntimeErrors by now)
@@ -86,11 +75,9 @@ def file_lock(lock, stale=120):
             os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             break
         except FileExistsError:
-            try:
+            with contextlib.suppress(FileNotFoundError):  # its owner may let go meanwhile
                 if time.time() - lock.stat().st_mtime > stale:
                     lock.unlink()
-            except FileNotFoundError:
-                pass
             time.sleep(0.2)
     try:
         yield lock
@@ -99,11 +86,14 @@ def file_lock(lock, stale=120):
 
 
 def fetch(url, path, lock, sha256, md5, size, retries):
-    """The transfer behind download(): resume, retries, verification, rename."""
+    """download()'s transfer: a Range request resumes the .part, 429/5xx and dropped connections are retried with
+    back-off, and it is renamed into the cache only once its size and digest (or its format) are right."""
     part = path.with_name(path.name + '.part')
     hint = f'no network? download {url} by hand and place it at {path} (or set RAE_CACHE)'
-    unsure, touched = False, time.time()  # unsure: some body came without a length or as HTML
+    touched = time.time()
     for attempt in range(retries):
+        if attempt:
+            time.sleep(min(2 ** (attempt - 1), 10) * 0.1)
         have = part.stat().st_size if part.exists() else 0
         headers = {'Range': f'bytes={have}-'} if have else {}
         try:
@@ -111,7 +101,6 @@ def fetch(url, path, lock, sha256, md5, size, retries):
                 if r.status_code == 416:  # the partial file is already complete
                     break
                 if r.status_code in RETRY_STATUS and attempt < retries - 1:
-                    time.sleep(min(2 ** attempt, 10) * 0.1)
                     continue
                 if r.status_code not in (200, 206):
                     raise RuntimeError(f'download of {url} failed: HTTP {r.status_code}; {hint}')
@@ -121,7 +110,6 @@ def fetch(url, path, lock, sha256, md5, size, retries):
                 if r.status_code == 200:
                     have = 0  # the server ignored the Range header: start over
                 length = r.headers.get('Content-Length')
-                unsure |= length is None or 'html' in r.headers.get('Content-Type', '')
                 total = have + int(length) if length is not None else size
                 with open(part, 'ab' if have else 'wb') as f, \
                         tqdm(total=total, initial=have, unit='B', unit_scale=True, desc=path.name) as bar:
@@ -135,29 +123,24 @@ def fetch(url, path, lock, sha256, md5, size, retries):
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
             if attempt == retries - 1:
                 raise RuntimeError(f'download of {url} failed ({type(e).__name__}); {hint}') from None
-            time.sleep(min(2 ** attempt, 10) * 0.1)
     else:
         raise RuntimeError(f'download of {url} failed after {retries} tries; {hint}')
-    got = part.stat().st_size
-    if size is not None and got != size:
-        part.unlink()
-        raise RuntimeError(f'download of {url}: expected {size} bytes, got {got}; the partial file was removed')
-    for algorithm, expected in (('sha256', sha256), ('md5', md5)):
-        if expected is None:
-            continue
-        h = hashlib.new(algorithm)
-        with open(part, 'rb') as f:
-            for block in iter(lambda: f.read(1 << 20), b''):
-                h.update(block)
-        if not h.hexdigest().startswith(expected):
-            part.unlink()
-            raise RuntimeError(f'download of {url}: {algorithm} {h.hexdigest()} != expected {expected}; file removed')
-    if unsure:
-        try:
+    try:
+        if size is not None and part.stat().st_size != size:
+            raise ValueError(f'expected {size} bytes, got {part.stat().st_size}')
+        for algorithm, expected in (('sha256', sha256), ('md5', md5)):
+            if expected is not None:
+                h = hashlib.new(algorithm)
+                with open(part, 'rb') as f:
+                    for block in iter(lambda: f.read(1 << 20), b''):
+                        h.update(block)
+                if not h.hexdigest().startswith(expected):
+                    raise ValueError(f'{algorithm} {h.hexdigest()} != expected {expected}')
+        if sha256 is None and md5 is None:  # without a digest, the format at least (a body cut short, an HTML page)
             check_format(part, path.suffix)
-        except ValueError as e:
-            part.unlink()
-            raise RuntimeError(f'download of {url}: {e}; nothing was cached') from None
+    except ValueError as e:
+        part.unlink()
+        raise RuntimeError(f'download of {url}: {e}; nothing was cached') from None
     os.replace(part, path)
 
 
@@ -176,43 +159,42 @@ def check_format(path, suffix=None):
             return
         raise ValueError(f'{path}: truncated or not a {suffix} file')
     if suffix == '.safetensors':
-        try:
-            (n,) = struct.unpack('<Q', head[:8])
-            with open(path, 'rb') as f:
-                header = json.loads(f.read(8 + n)[8:])
-            end = max([t['data_offsets'][1] for k, t in header.items() if k != '__metadata__'], default=0)
-        except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError):
-            raise ValueError(f'{path}: not a safetensors file (bad header)') from None
-        if path.stat().st_size < 8 + n + end:
-            raise ValueError(f'{path}: truncated safetensors file')
+        safetensors_header(path)
 
 
 # -----------------------------------------------------------------------------------------------------------
 # Weight files and checkpoint dicts
-
 _ST_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
               'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8,
               'BOOL': torch.bool}
 
 
+def safetensors_header(path):
+    """(data offset, {name: {dtype, shape, data_offsets}}) of a .safetensors file: an 8-byte little-endian length n,
+    n bytes of JSON, the raw tensor bytes. ValueError if bad or truncated."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        try:
+            (n,) = struct.unpack('<Q', f.read(8))
+            header = json.loads(f.read(min(n, size)))
+            header.pop('__metadata__', None)
+            end = max([t['data_offsets'][1] for t in header.values()], default=0)
+        except (struct.error, ValueError, LookupError, TypeError, AttributeError):
+            raise ValueError(f'{path}: not a safetensors file (bad header)') from None
+    if size < 8 + n + end:
+        raise ValueError(f'{path}: truncated file ({size} bytes, its tensors need {8 + n + end})')
+    return 8 + n, header
+
+
 def load_safetensors(path):
-    """Read a .safetensors file: 8-byte little-endian header length, a JSON header, then raw tensor bytes."""
+    """A .safetensors file as {name: tensor}, without the safetensors package."""
+    start, header = safetensors_header(path)
     data = Path(path).read_bytes()
-    try:
-        (n,) = struct.unpack('<Q', data[:8])
-        header = json.loads(data[8:8 + n])
-    except (struct.error, ValueError, UnicodeDecodeError):
-        raise ValueError(f'{path}: not a safetensors file (bad header)') from None
-    header.pop('__metadata__', None)
     out = {}
     for name, info in header.items():
         begin, end = info['data_offsets']
-        if 8 + n + end > len(data):
-            raise ValueError(f'{path}: truncated file ({len(data)} bytes, tensor {name!r} needs {8 + n + end})')
-        buf = data[8 + n + begin:8 + n + end]
-        t = torch.frombuffer(bytearray(buf), dtype=_ST_DTYPES[info['dtype']]) if buf else \
-            torch.empty(0, dtype=_ST_DTYPES[info['dtype']])
-        out[name] = t.reshape(info['shape'])
+        buf, dtype = bytearray(data[start + begin:start + end]), _ST_DTYPES[info['dtype']]
+        out[name] = (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).reshape(info['shape'])
     return out
 
 
@@ -228,17 +210,14 @@ def load_state_dict_file(path):
         raise FileNotFoundError(f'weights file not found: {path}')
     if path.suffix == '.safetensors':
         return load_safetensors(path)
-    try:
-        try:  # mmap: a training checkpoint's other entries (optimizer moments, ...) are never read into memory
-            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        except RuntimeError:  # files in torch's legacy (pre-zip) format cannot be mapped
-            return torch.load(path, map_location='cpu', weights_only=True)
+    try:  # mmap (zip files only, not torch's legacy format): a checkpoint's other entries stay on disk
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         raise ValueError(f'{path}: cannot be read as a torch file ({type(e).__name__}: {str(e)[:120]}); '
                          'truncated or not a checkpoint?') from None
 
 
-def model_state_dict(ckpt, path='checkpoint'):
+def model_state_dict(ckpt, path):
     """The model weights in a bare state dict or a training checkpoint ({'ema': ...} preferred, else {'model': ...}
     or {'state_dict': ...}), without DDP / torch.compile name prefixes."""
     if not isinstance(ckpt, dict):
@@ -247,19 +226,12 @@ def model_state_dict(ckpt, path='checkpoint'):
         if isinstance(ckpt.get(key), dict):
             ckpt = ckpt[key]
             break
-    sd = {}
-    for k, v in ckpt.items():
-        while k.startswith(('module.', '_orig_mod.')):  # DDP and torch.compile wrappers
-            k = k.split('.', 1)[1]
-        sd[k] = v
-    return sd
+    return {re.sub(r'^((module|_orig_mod)\.)+', '', k): v for k, v in ckpt.items()}  # DDP, torch.compile wrappers
 
 
 def copy_weights(model, sd, path, names=None):
-    """Copy {our name: tensor} into model: a count check, then a shape check per tensor (nanoGPT's from_pretrained).
-
-    names maps our names to the file's, so that an error names the key the user can find in the file at path.
-    """
+    """Copy {our name: tensor} into model after a count check and a shape check per tensor (nanoGPT's
+    from_pretrained); names maps ours to the file's, so that an error names a key the user finds in the file."""
     names = names or {}
     ours = model.state_dict()
     missing = [names.get(k, k) for k in ours if k not in sd]
@@ -270,14 +242,12 @@ def copy_weights(model, sd, path, names=None):
         if v.shape != ours[k].shape:
             raise ValueError(f'{path}: weights for a different model: {names.get(k, k)} has shape '
                              f'{tuple(v.shape)}, expected {tuple(ours[k].shape)}')
-    with torch.no_grad():
-        for k, v in sd.items():
-            ours[k].copy_(v)
+    model.load_state_dict(sd)
     return model
 
 
 def published_names(key, layout):
-    """Our state-dict key -> its published name(s) in layout (see load_published), without the tower prefix."""
+    """Our state-dict key -> its published name(s) in layout (rae.PUBLISHED), without the tower prefix."""
     _, outer, block, inner = layout
     i, module = (key.split('.')[1], key.split('.', 2)[2]) if key.startswith('blocks.') else (None, key)
     module, param = module.rsplit('.', 1) if module.endswith(('.weight', '.bias')) else (module, None)
@@ -287,13 +257,8 @@ def published_names(key, layout):
 
 
 def load_published(model, sd, layout, path, optional=()):
-    """Copy a state dict in a published layout into a ViT-like model (a .blocks list), tensor by tensor.
-
-    layout = (prefix of the tower in the file, {our module: theirs} outside the blocks, prefix of block {i},
-    {our module: theirs} inside a block), e.g. rae.PUBLISHED['dinov2']; a tuple of names is concatenated along
-    dim 0. Every tensor takes the .weight / .bias of its module. Names in `optional` that the file lacks keep
-    the model's own values; tensors of the file that the table does not name are not read.
-    """
+    """Copy a state dict in a published layout (rae.PUBLISHED) into a ViT-like model (a .blocks list); names in
+    `optional` that the file lacks keep the model's values, tensors the table does not name are not read."""
     prefix, block = layout[0], layout[2]
     if any(k.startswith(prefix) for k in sd):  # the tower inside a larger model's file
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -323,7 +288,6 @@ def published_state_dict(model, layout):
 
 # -----------------------------------------------------------------------------------------------------------
 # Images
-
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')  # what image folders are read for
 
 
@@ -336,14 +300,15 @@ def list_images(folder):
 
 
 def open_rgb(path):
-    """An image file as 8-bit RGB. 16-bit and float grey modes are scaled to 8 bits, not clipped (PIL's convert
-    would clip a 16-bit value at 255: near-white). Raises OSError / ValueError for unreadable files."""
+    """An image file as 8-bit RGB; OSError / ValueError if unreadable. 16-bit and float modes are scaled to 8 bits,
+    not clipped (PIL's convert clips a 16-bit value at 255: near-white)."""
     with Image.open(path) as im:
         im.load()
         if im.mode.startswith('I') or im.mode == 'F':  # I;16*, I (32-bit int), F (float)
             a = np.asarray(im, dtype=np.float64)
-            top = 65535 if im.mode.startswith('I;16') or a.max() > 255 else (1 if im.mode == 'F' and a.max() <= 1
-                                                                              else 255)
+            top = 65535 if im.mode.startswith('I;16') or a.max() > 255 else 255
+            if im.mode == 'F' and a.max() <= 1:
+                top = 1
             im = Image.fromarray(np.clip(np.round(a * (255 / top)), 0, 255).astype(np.uint8))
         return im.convert('RGB')
 
@@ -360,8 +325,7 @@ def center_crop_arr(pil_image, image_size):
 
 
 def to_uint8(images):
-    """Images [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3] as a PNG holds them: rounded to nearest, floor(255 x + 0.5)
-    (as DiT and torchvision save them; see README on truncation)."""
+    """Images [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3], rounded, floor(255 x + 0.5) (README: differences)."""
     return images.clamp(0, 1).mul(255).add(0.5).floor().to(torch.uint8).permute(0, 2, 3, 1)
 
 
@@ -382,42 +346,35 @@ def save_grid(images, ncol, path, pad=2):
 
 def _read_npy_header(f, where):
     version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(f)
-    raise ValueError(f'{where}: unsupported .npy format version {version}')
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read is None:
+        raise ValueError(f'{where}: unsupported .npy format version {version}')
+    return read(f)
 
 
 class NpzImages:
-    """uint8 images (N, H, W, 3) stored under `arr_0` in an .npz, read in batches straight from the zip.
+    """uint8 images (N, H, W, 3) under arr_0 in an .npz, read in batches straight from the zip: np.load would read
+    the whole array (50k at 256 px is 9.8 GB), so like ADM's evaluator we read batch-sized slices of the member."""
 
-    np.load would read the whole array (50k at 256 px is 9.8 GB); like ADM's evaluator we parse the .npy header
-    and read batch-sized slices of the member, compressed or not.
-    """
-
-    def __init__(self, path, key='arr_0'):
-        self.path, self.key = str(path), key
+    def __init__(self, path):
+        self.path = str(path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f'{self.path}: no such file')
         try:
             with zipfile.ZipFile(self.path) as zf:
                 names = [n[:-4] for n in zf.namelist() if n.endswith('.npy')]
-                if key not in names:
-                    raise ValueError(f'{self.path}: no {key!r} array (it holds {names}); expected {key} = uint8 '
+                if 'arr_0' not in names:
+                    raise ValueError(f"{self.path}: no 'arr_0' array (it holds {names}); expected arr_0 = uint8 "
                                      'images of shape (N, H, W, 3)')
-                with zf.open(key + '.npy') as f:
+                with zf.open('arr_0.npy') as f:
                     shape, fortran, dtype = _read_npy_header(f, self.path)
         except zipfile.BadZipFile:
             raise ValueError(f'{self.path}: not an .npz file') from None
-        what = f'{self.path}: {key} has'
-        if dtype != np.uint8:
-            raise ValueError(f'{what} dtype {dtype}; expected uint8 images in 0..255 (quantise before saving)')
-        if len(shape) != 4 or shape[3] != 3:
+        if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
             hint = ' (looks like NCHW: transpose to NHWC)' if len(shape) == 4 and shape[1] == 3 else ''
-            raise ValueError(f'{what} shape {shape}; expected (N, H, W, 3){hint}')
-        if fortran:
-            raise ValueError(f'{what} Fortran order; save a C-contiguous array')
+            order = ', Fortran order' if fortran else ''
+            raise ValueError(f'{self.path}: arr_0 has dtype {dtype}, shape {shape}{order}; expected C-ordered uint8 '
+                             f'images (N, H, W, 3) in 0..255{hint}')
         self.shape = shape
 
     def __len__(self):
@@ -425,20 +382,20 @@ class NpzImages:
 
     def batches(self, batch_size):
         n, h, w, c = self.shape
-        with zipfile.ZipFile(self.path) as zf, zf.open(self.key + '.npy') as f:
+        with zipfile.ZipFile(self.path) as zf, zf.open('arr_0.npy') as f:
             _read_npy_header(f, self.path)
             for i in range(0, n, batch_size):
                 b = min(batch_size, n - i)
                 buf = f.read(b * h * w * c)
                 if len(buf) != b * h * w * c:
-                    raise ValueError(f'{self.path}: {self.key} is truncated (image {i + len(buf) // (h * w * c)} '
+                    raise ValueError(f'{self.path}: arr_0 is truncated (image {i + len(buf) // (h * w * c)} '
                                      f'of {n} is incomplete)')
                 yield np.frombuffer(bytearray(buf), np.uint8).reshape(b, h, w, c)  # writable, for torch
 
 
-def write_images_npy(zf, shape, batches, name='arr_0'):
-    """Stream uint8 batches into member name.npy of an open ZipFile: shape (N, H, W, 3), one batch in memory."""
-    with zf.open(name + '.npy', 'w', force_zip64=True) as f:
+def write_images_npy(zf, shape, batches):
+    """Stream uint8 batches into member arr_0.npy of an open ZipFile: shape (N, H, W, 3), one batch in memory."""
+    with zf.open('arr_0.npy', 'w', force_zip64=True) as f:
         np.lib.format.write_array_header_1_0(f, {'descr': '|u1', 'fortran_order': False, 'shape': tuple(shape)})
         for b in batches:
             f.write(np.ascontiguousarray(b, dtype=np.uint8).tobytes())

@@ -1,22 +1,7 @@
 """
-Training plumbing shared by decoder_train.py (stage 1) and diffusion_train.py (stage 2): config overrides, an
-ImageNet-style image folder, EMA, checkpoints with exact resume, learning-rate schedules and the run log.
-
-Order of use in a training script (the comments say why the order matters):
-
-    config = configure(_DEFAULTS, sys.argv[1:]); globals().update(config)  # defaults <- files <- --key=value
-    rank, local_rank, world_size, device, is_master = runtime.setup_ddp(device)
-    torch.manual_seed(global_seed * world_size + rank)                      # one stream per rank (DiT)
-    loader, sampler = make_loader(ImageFolder(data_dir, image_size, 'center', flip=True, seed=global_seed),
-                                  global_batch // world_size, rank, world_size, global_seed, workers)
-    ema = make_ema(model)                                                   # before torch.compile and DDP
-    if path := latest_checkpoint(ckpt_dir):                                 # last thing before the loop
-        c = load_checkpoint(path, model=model, ema=ema, optimizer=opt); step, epoch, batch = ...
-    for epoch in range(epoch, epochs):
-        sampler.set_epoch(epoch, start_batch=batch)                         # a resumed epoch goes on exactly
-        for batch, (x, y) in enumerate(loader, start=batch + 1):            # batch = batches consumed
-            ...; save_checkpoint(ckpt_dir, step=step, epoch=epoch, batch=batch, config=config, model=model, ...)
-        batch = 0
+Training plumbing shared by decoder_train.py (stage 1) and diffusion_train.py (stage 2): config overrides and
+checks, an ImageNet-style image folder and its resumable loader, EMA, checkpoints with exact resume, learning-rate
+schedules, the toy encoder of the smoke runs and the run log. The scripts show the order of use.
 """
 import ast
 import copy
@@ -58,10 +43,9 @@ def _checked(key, value, default, where):
 
 
 def configure(defaults, argv):
-    """Resolve the config: `defaults` (a script's globals(); only public names holding plain values count), then
-    each argument in order: a path (relative to the CWD) is a config file of assignments exec'd over the current
-    values, `--key=value` is parsed with ast.literal_eval (a plain string when that fails). Unknown names and
-    type changes are one-line errors. Names starting with '_' in a config file are private helpers."""
+    """Resolve the config: `defaults` (a script's globals(): its public plain values), then each argument in order,
+    `--key=value` (ast.literal_eval, else the plain string) or a config file (relative to the CWD) exec'd over the
+    current values ('_' names in it are private). Unknown names and type changes are one-line errors."""
     config = {k: v for k, v in defaults.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)}
     original = dict(config)
     for arg in argv:
@@ -98,9 +82,8 @@ def configure(defaults, argv):
 
 
 def check_config(config, choices=None, types=None, positive=(), non_negative=(), fractions=()):
-    """The value checks of a script's config, each a one-line error naming the key: choices {key: allowed},
-    types {key: type(s)} for keys whose default is None (None stays allowed), positive (> 0; None skipped),
-    non_negative (>= 0), fractions (0 <= value < 1)."""
+    """A script's value checks, each a one-line error naming the key: choices {key: allowed}, types {key: type(s)}
+    for keys whose default is None (None stays allowed), positive (> 0), non_negative, fractions (in [0, 1))."""
     for key, allowed in (choices or {}).items():
         if config[key] not in allowed:
             raise SystemExit(f'{key}={config[key]!r}: choose one of {", ".join(map(str, allowed))}')
@@ -130,10 +113,10 @@ def random_crop_arr(pil_image, image_size, rng):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """ImageNet-style folder -> (float [3,S,S] in [0,1], label); flips and crops are drawn from (seed, epoch, index)."""
+    """ImageNet-style folder -> (float [3,S,S] in [0,1], label); flips and crops are drawn from (seed, epoch, index).
+    crop: 'center' (ADM's) or 'random' (stage 1)."""
 
     def __init__(self, root, image_size, crop='center', flip=False, seed=0):
-        assert crop in ('center', 'random'), crop
         if not os.path.isdir(root):
             raise SystemExit(f'{root}: no such image folder (expected {root}/<class>/<image>)')
         classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
@@ -145,10 +128,10 @@ class ImageFolder(torch.utils.data.Dataset):
                 labels += [label] * len(found)
         if not files:
             raise SystemExit(f'{root}: no images ({", ".join(IMAGE_EXTS)}) in class sub-folders {root}/<class>/')
-        have = set(labels)
-        empty = [c for label, c in enumerate(classes) if label not in have]
+        empty = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if n == 0]
         if empty:  # their labels keep the sorted order, so that released class ids stay valid
-            print0(f'warning: {len(empty)} empty class folders in {root} (labels without images): {", ".join(empty[:5])}')
+            print0(f'warning: {len(empty)} empty class folders in {root} (labels without images): '
+                   f'{", ".join(empty[:5])}')
         # numpy arrays, not lists of str: every worker touching a Python object copies its page (pytorch #13246)
         self.files, self.labels, self.classes = np.array(files), np.array(labels), classes
         self.root, self.image_size, self.crop, self.flip, self.seed = root, image_size, crop, flip, seed
@@ -226,16 +209,15 @@ def make_loader(dataset, batch_size, rank=0, world_size=1, seed=0, workers=4):
 # EMA and unwrapping
 
 def unwrap(model):
-    """The plain nn.Module under DDP (.module) and torch.compile (._orig_mod) wrappers."""
+    """The plain nn.Module under DDP (.module) and torch.compile (._orig_mod) wrappers; anything else as is."""
     while isinstance(model, DDP) or hasattr(model, '_orig_mod'):
         model = model.module if isinstance(model, DDP) else model._orig_mod
     return model
 
 
 def make_ema(model):
-    """A frozen eval-mode copy of the plain module, made before compiling. A module whose forward was patched
-    (`m.forward = torch.compile(m.forward)`) is refused: deepcopy would keep that bound method, and the "EMA" copy
-    would run the live weights in every preview and online FID (README: differences)."""
+    """A frozen eval-mode copy of the plain module, made before compiling. A patched m.forward (torch.compile(...))
+    is refused: deepcopy would keep that bound method, so the EMA would run the live weights (README: differences)."""
     model = unwrap(model)
     patched = [name or 'model' for name, m in model.named_modules() if 'forward' in vars(m)]
     if patched:
@@ -287,16 +269,14 @@ def latest_checkpoint(ckpt_dir):
 
 
 def save_checkpoint(ckpt_dir, *, step, epoch, batch, config, keep=3, **state):
-    """Collective (call on every rank): rank 0 writes {state..., step, epoch, batch, config, rng: [per rank]} to
-    ckpt_dir/<step>.pt. `batch` = batches of `epoch` already consumed. Modules are saved unwrapped (no 'module.'
-    or '_orig_mod.' prefixes), optimizers by state_dict(), anything else as is. keep=None keeps all."""
+    """Collective: rank 0 writes {state..., step, epoch, batch (of `epoch`, consumed), config, rng: [per rank]} to
+    ckpt_dir/<step>.pt; modules unwrapped, optimizers by state_dict(), anything else as is. keep=None keeps all."""
     rngs = [rng_state()]
     if dist.is_initialized():
         rngs = [None] * dist.get_world_size()
         dist.all_gather_object(rngs, rng_state())
     if not dist.is_initialized() or dist.get_rank() == 0:
-        state = {k: (unwrap(v) if isinstance(v, torch.nn.Module) else v) for k, v in state.items()}
-        state = {k: (v.state_dict() if hasattr(v, 'state_dict') else v) for k, v in state.items()}
+        state = {k: unwrap(v).state_dict() if hasattr(v, 'state_dict') else v for k, v in state.items()}
         state.update(step=step, epoch=epoch, batch=batch, config=config, rng=rngs)
         os.makedirs(ckpt_dir, exist_ok=True)
         path = os.path.join(ckpt_dir, f'{step:07d}.pt')
@@ -312,10 +292,8 @@ def save_checkpoint(ckpt_dir, *, step, epoch, batch, config, keep=3, **state):
             raise SystemExit(f'{why} while writing {path} (the previous checkpoints are kept)') from None
         os.replace(path + '.tmp', path)
         fd = os.open(ckpt_dir, os.O_RDONLY)  # the rename itself survives a power cut only once the folder is synced
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.fsync(fd)
+        os.close(fd)
         old = [p for _, p in list_checkpoints(ckpt_dir)[:-keep]] if keep else []
         old += [os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if n.endswith('.pt.tmp')]  # earlier crashes
         for p in old:
@@ -341,14 +319,10 @@ def resume(ckpt_dir, config, **objects):
 
 
 def load_checkpoint(path, config=None, **objects):
-    """Restore each object (model=..., ema=..., optimizer=...) from its entry, and this rank's RNG states;
-    returns the checkpoint dict (step, epoch, batch, config, extras). Call it last before the loop: any random
-    draw between it and the first step would shift every stream. With the run's config, a checkpoint of another
-    global_batch is refused: its data position (batches of an epoch) would mean other images."""
-    if not os.path.isfile(path):
-        raise SystemExit(f'{path}: no such checkpoint')
-    # mmap: tensors are paged in as each load_state_dict copies them (8 ranks x an XL checkpoint of 13 GB
-    # would otherwise sit in host memory at once)
+    """Restore each object (model=..., ema=..., optimizer=...) from its entry, and this rank's RNG states; returns
+    the checkpoint dict. Call it last before the loop: a random draw in between would shift every stream. With
+    the run's config, another global_batch is refused: its data position (batches of an epoch) means other images."""
+    # mmap: tensors are paged in as each load_state_dict copies them (not 8 ranks x 13 GB in host memory at once)
     ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     if config and ckpt['config'].get('global_batch') != config['global_batch']:
         raise SystemExit(f'{path} was trained with global_batch={ckpt["config"].get("global_batch")}, not '
@@ -357,7 +331,7 @@ def load_checkpoint(path, config=None, **objects):
         if key not in ckpt:
             raise SystemExit(f'{path}: no {key!r} entry (it has {", ".join(ckpt)})')
         try:
-            (unwrap(obj) if isinstance(obj, torch.nn.Module) else obj).load_state_dict(ckpt[key])
+            unwrap(obj).load_state_dict(ckpt[key])
         except (RuntimeError, ValueError, KeyError) as e:  # another model size, or another optimizer
             diff = [k for k in config or {} if ckpt['config'].get(k) != config[k]]
             raise SystemExit(f'{path}: its {key} does not fit this run ({str(e).splitlines()[0][:100]}); config '
@@ -380,8 +354,7 @@ def lr_linear_decay(step, base, final, decay_start, decay_end):
 
 
 def lr_warmup_cosine(step, base, final, warmup, decay_end):
-    """Stage 1: linear warm-up from zero, base * (step + 1) / warmup, then cosine from base to `final` at
-    decay_end, `final` after."""
+    """Stage 1: linear warm-up base * (step + 1) / warmup, then cosine to `final` at decay_end, `final` after."""
     if step < warmup:
         return base * (step + 1) / warmup
     p = min((step - warmup) / max(1, decay_end - warmup), 1.0)
@@ -389,12 +362,11 @@ def lr_warmup_cosine(step, base, final, warmup, decay_end):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Toy stand-ins: offline smoke runs (configs/tiny.py, configs/decoder_tiny.py and the tests) feed random weights
-# through the real loading code, so the file is written in the published layout
+# Toy stand-ins and the run log
 
 def write_toy_encoder(path, name='dinov2-b', overrides=None, seed=0):
-    """A random-weight Encoder (the `name` preset with `overrides`, e.g. a 2-block width-32 one) saved under its
-    published names (rae.PUBLISHED): Encoder.from_pretrained(name, weights=path) reads it like the published file."""
+    """A random-weight Encoder (the `name` preset with `overrides`) saved under its published names, so that the
+    offline smoke runs (configs/tiny.py, configs/decoder_tiny.py, the tests) go through the real loading code."""
     with torch.random.fork_rng(devices=[]):  # the caller's stream is left untouched
         torch.manual_seed(seed)
         enc = Encoder(**dict(ENCODERS[name], name=name, **(overrides or {})))
@@ -407,14 +379,12 @@ def write_toy_encoder(path, name='dinov2-b', overrides=None, seed=0):
     return enc
 
 
-# -----------------------------------------------------------------------------------------------------------
-# The run log: out_dir/log.txt opens with everything needed to reproduce the run
-
 def start_log(out_dir, config, device):
     """Rank 0 appends a header (git commit, torch, device, command, config as a loadable config file) to
     out_dir/log.txt; returns log(msg), which prints and appends on rank 0 and does nothing elsewhere."""
     if int(os.environ.get('RANK', 0)) != 0:
         return lambda msg: None
+
     def git(*args):
         here = os.path.dirname(os.path.abspath(__file__))
         return subprocess.run(['git', *args], cwd=here, capture_output=True, text=True).stdout.strip()

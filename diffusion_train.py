@@ -7,22 +7,16 @@ encoder (paper §4, §5, App. F).
     torchrun --standalone --nproc_per_node=8 diffusion_train.py configs/xl.py --mode=stats     # -> out_dir/stat.pt
     torchrun --standalone --nproc_per_node=8 diffusion_train.py configs/xl.py --mode=cache --latent_cache=/ssd/lat
 
-Config files are executed over the defaults below, then --key=value overrides (ast.literal_eval); unknown keys
-and type changes are errors. A run resumes from the newest checkpoint in out_dir/checkpoints by itself.
+Config files, then --key=value, override the defaults below (training.configure); a run resumes by itself.
 
-The flow, in the paper's convention throughout (t = 0 is data, t = 1 is noise):
-
-    x_t = (1 - t) x + t eps,        the model predicts v = eps - x,        loss = |v_theta(x_t, t, y) - (eps - x)|^2
-
-t is drawn logit-normal (or uniform) on [0, 0.999] and shifted towards noise, t <- alpha t / (1 + (alpha - 1) t)
-with alpha = sqrt(C h w / 4096) (§4.2; sqrt(48) for [768, 16, 16] latents).
-
-Randomness: the eps, t and label drop of a sample are drawn from seeds (global_seed, step, its row in the global
-batch), not from the rank's stream. A run gives the same numbers on 1 or 8 GPUs, with or without gradient
-accumulation, and after a resume.
+The flow (§4.2, rae.flow_loss): x_t = (1 - t) x + t eps (t = 0 data, 1 noise), loss |v_theta(x_t, t, y) - (eps - x)|^2;
+t is logit-normal (or uniform) on [0, 0.999], shifted towards noise by alpha = sqrt(C h w / 4096) (sqrt(48) at 256 px).
+The eps, t and label drop of a sample are seeded by (global_seed, step, its row in the global batch) (rae.step_draws):
+a run gives the same numbers on 1 or 8 GPUs, with or without gradient accumulation, and after a resume.
 """
 import colorsys
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -37,9 +31,9 @@ from tqdm.auto import tqdm
 
 from files import save_grid, to_uint8
 from rae import RAE, Decoder, build_dit, decoder_arch, flow_loss, guided_velocity, sample_ode, shift_alpha, step_draws
-from runtime import cleanup_ddp, one_line_errors, print0, rank0_first, set_tf32, setup_ddp
-from training import (ImageFolder, check_config, configure, lr_linear_decay, make_ema, make_loader, resume, save_checkpoint,
-                      start_log, unreadable, update_ema, write_toy_encoder)
+from runtime import barrier, cleanup_ddp, one_line_errors, print0, rank0_first, set_tf32, setup_ddp
+from training import (ImageFolder, check_config, configure, lr_linear_decay, make_ema, make_loader, resume,
+                      save_checkpoint, start_log, unreadable, update_ema, write_toy_encoder)
 
 _imported = set(globals())  # the config is what the block below defines
 # -----------------------------------------------------------------------------------------------------------
@@ -111,10 +105,8 @@ def seed_of(*keys):
 # Latents: encoding a rank's share of the images, the exact statistics, and the cache
 
 class LatentCache(torch.utils.data.Dataset):
-    """Raw latents of --mode=cache (latents.npy [N, 2, C, h, w]: each image, then its mirror) through a memory map.
-
-    Item (index, epoch) takes the mirror image when ImageFolder(seed=seed) would flip that image in that epoch.
-    """
+    """Raw latents of --mode=cache (latents.npy [N, 2, C, h, w]: each image, then its mirror) through a memory map;
+    item (index, epoch) is the mirror image when ImageFolder(seed=seed) would flip that image in that epoch."""
 
     def __init__(self, root, seed=0):
         for name in ('latents.npy', 'labels.npy'):
@@ -137,17 +129,14 @@ class LatentCache(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def encode_shard(rae, data, rank, world_size, batch_size, workers, device):
-    """Yield (indices, raw latents [B, 2, C, h, w] of each image and its mirror, labels) for this rank's images
-    rank, rank + world_size, ... (unflipped ImageFolder), in order."""
+    """Yield (indices, raw latents [B, 2, C, h, w]: image and mirror, labels) of images rank::world_size, in order."""
     indices = range(rank, len(data), world_size)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, indices), batch_size, num_workers=workers,
                                          pin_memory=device.type == 'cuda')
-    done = 0
-    for x, y in tqdm(loader, desc='encoding', disable=rank != 0):
+    for b, (x, y) in enumerate(tqdm(loader, desc='encoding', disable=rank != 0)):
         x = x.to(device, non_blocking=True)
         z = rae.encode(torch.cat([x, x.flip(-1)]))  # fp32, no autocast: the same numbers as the training step
-        yield torch.tensor(indices[done:done + len(x)]), torch.stack(z.chunk(2), dim=1), y
-        done += len(x)
+        yield torch.tensor(indices[b * batch_size:b * batch_size + len(x)]), torch.stack(z.chunk(2), dim=1), y
 
 
 def moments(z):
@@ -172,18 +161,11 @@ def latent_stats(rae, data, rank, world_size, batch_size, workers, device):
     acc = (0, 0.0, 0.0)
     for _, z, _ in encode_shard(rae, data, rank, world_size, batch_size, workers, device):
         acc = merge_moments(acc, moments(z.flatten(0, 1)))
-    if acc[0] == 0:
-        raise SystemExit(f'rank {rank} got no images (fewer images than ranks?)')
+    parts = [acc]
     if world_size > 1:
-        mine = torch.cat([torch.tensor([float(acc[0])], dtype=torch.float64, device=device), acc[1].flatten(),
-                          acc[2].flatten()])
-        parts = [torch.empty_like(mine) for _ in range(world_size)]
-        dist.all_gather(parts, mine)
-        shape, acc = acc[1].shape, (0, 0.0, 0.0)
-        for p in parts:  # every rank merges the same list in the same order: one deterministic answer
-            mean, m2 = p[1:].view(2, *shape)
-            acc = merge_moments(acc, (int(p[0].item()), mean, m2))
-    n, mean, m2 = acc
+        parts = [None] * world_size
+        dist.all_gather_object(parts, (acc[0], acc[1].cpu(), acc[2].cpu()))
+    n, mean, m2 = functools.reduce(merge_moments, parts)  # the same list in the same order on every rank
     return mean, m2 / n
 
 
@@ -194,8 +176,7 @@ def write_cache(rae, data, root, dtype, rank, world_size, batch_size, workers, d
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         np.lib.format.open_memmap(tmp, mode='w+', dtype=np.dtype(dtype), shape=(len(data), 2, *latent_shape))
-    if world_size > 1:
-        dist.barrier()
+    barrier()
     out = np.load(tmp, mmap_mode='r+')
     labels = torch.zeros(len(data), dtype=torch.int64, device=device)
     for idx, z, y in encode_shard(rae, data, rank, world_size, batch_size, workers, device):
@@ -207,8 +188,7 @@ def write_cache(rae, data, root, dtype, rank, world_size, batch_size, workers, d
     if rank == 0:
         np.save(os.path.join(root, 'labels.npy'), labels.cpu().numpy())
         os.replace(tmp, os.path.join(root, 'latents.npy'))
-    if world_size > 1:
-        dist.barrier()
+    barrier()
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -216,15 +196,10 @@ def write_cache(rae, data, root, dtype, rank, world_size, batch_size, workers, d
 
 @torch.no_grad()
 def ema_images(ema, rae, y, noise, num_steps, alpha, ctx):
-    """Images [B, 3, H, W] in [0, 1] from the EMA model: Euler ODE from t = 1 (noise) to t ~ 0, unguided, decoded."""
+    """uint8 images [B, H, W, 3] (as a PNG holds them) from the EMA model: Euler ODE from t = 1 to t ~ 0, unguided."""
     with ctx:
         z = sample_ode(guided_velocity(ema, y), noise, num_steps, alpha)
-    return rae.decode(z.float()).clamp(0, 1)
-
-
-def preview_noise(n, latent_shape, seed=0):
-    """The fixed noise of the preview grids (own generator: a preview never moves the training streams)."""
-    return torch.randn(n, *latent_shape, generator=torch.Generator().manual_seed(seed))
+    return to_uint8(rae.decode(z.float()))
 
 
 _FID = {}  # the Inception network and reference statistics, loaded once
@@ -248,8 +223,7 @@ def online_fid(ema, rae, n, reference, latent_shape, alpha, num_steps, ctx, seed
             b = min(batch_size, share - i)
             y = torch.randint(ema.num_classes, (b,), generator=g).to(device)
             x = torch.randn(b, *latent_shape, generator=g).to(device)
-            images = ema_images(ema, rae, y, x, num_steps, alpha, ctx)
-            yield to_uint8(images)  # as a saved PNG would hold them
+            yield ema_images(ema, rae, y, x, num_steps, alpha, ctx)
 
     pool3 = fid.extract_features(_FID['net'], batches(), share, 'online FID', progress=rank == 0)[0]
     if world_size > 1:
@@ -285,7 +259,7 @@ def main(argv):
             if (isinstance(value, (tuple, list)) and len(value) == 2) != pair or value is None:
                 raise SystemExit(f'{key}={value!r}: model={model!r} with hidden_size set takes '
                                  f'{"(backbone, head) pairs" if pair else "ints"} for hidden_size, depth and num_heads')
-    rank, local_rank, world_size, dev, is_master = setup_ddp(device, ddp_timeout)
+    rank, _, world_size, dev, is_master = setup_ddp(device, ddp_timeout)
     if global_batch % (world_size * grad_accum):
         raise SystemExit(f'global_batch={global_batch} is not divisible by {world_size} ranks x '
                          f'grad_accum={grad_accum}')
@@ -297,8 +271,7 @@ def main(argv):
     log = start_log(out_dir, config, dev)
     if toy and is_master and not all(os.path.exists(p) for p in (data_path, encoder_weights, decoder)):
         make_toy(data_path, encoder_weights, decoder, image_size, encoder, encoder_overrides, num_classes)
-    if toy and world_size > 1:
-        dist.barrier()
+    barrier()  # the other ranks wait for the toy files
 
     # The frozen RAE: never DDP-wrapped, never compiled here, always fp32. Statistics and the cache hold raw tokens.
     from_cache = mode == 'train' and latent_cache is not None
@@ -310,8 +283,7 @@ def main(argv):
         rae.encoder.check_inputs = False
     if from_cache:
         data = LatentCache(latent_cache, seed=global_seed)
-        latent_shape = data.shape[2:]
-        want = (rae.decoder.embed.in_features, rae.decoder.grid, rae.decoder.grid)
+        latent_shape, want = data.shape[2:], (rae.decoder.embed.in_features, rae.decoder.grid, rae.decoder.grid)
         if latent_shape != want:
             raise SystemExit(f'{latent_cache}: latents {list(latent_shape)}, but the decoder reads {list(want)}')
     else:
@@ -336,8 +308,7 @@ def main(argv):
     if mode == 'cache':
         write_cache(rae, data, latent_cache, cache_dtype, rank, world_size, micro, workers, dev, latent_shape)
         skipped = unreadable(data, dev)
-        log(f'{latent_cache}: {len(data)} images x 2 flips of {list(latent_shape)} latents '
-            f'({cache_dtype}){skipped}')
+        log(f'{latent_cache}: {len(data)} images x 2 flips of {list(latent_shape)} latents ({cache_dtype}){skipped}')
         return cleanup_ddp()
 
     loader, sampler = make_loader(data, micro, rank, world_size, global_seed, workers)
@@ -372,14 +343,13 @@ def main(argv):
         log(f'resumed from {c["path"]}: step {step}, epoch {epoch}, batch {batch}')
     if step >= total_steps:
         raise SystemExit(f'nothing to train: {out_dir} is at step {step} of {total_steps} (raise max_steps or epochs)')
-    ddp = DDP(dit, device_ids=[local_rank] if dev.type == 'cuda' else None, broadcast_buffers=False) \
-        if world_size > 1 else dit
+    ddp = DDP(dit, broadcast_buffers=False) if world_size > 1 else dit
     net = torch.compile(ddp) if compile else ddp  # compiled DDP: dynamo splits the graph at the gradient buckets
 
     sampler.set_epoch(epoch, start_batch=batch)
     micro_batches = iter(loader)
     bar = tqdm(total=total_steps, initial=step, disable=not is_master, desc='training', unit='step')
-    sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss sum, samples, grad-norm sum since the last log
+    sums = torch.zeros(2, dtype=torch.float64, device=dev)  # loss and grad-norm sums since the last log
     logged, t0 = step, time.perf_counter()
     while step < total_steps:
         if batch == steps_per_epoch * grad_accum:  # epoch done; its last images (< one global batch) are left out
@@ -410,24 +380,23 @@ def main(argv):
         opt.zero_grad(set_to_none=True)
         update_ema(ema, dit, ema_decay)
         step += 1
-        sums[1] += micro * grad_accum
-        sums[2] += grad_norm
+        sums[1] += grad_norm
         bar.update()
 
         if (log_every and step % log_every == 0) or step == total_steps:
-            total = sums.clone()
             if world_size > 1:
-                dist.all_reduce(total)  # loss at log time only: no sync in the step
+                dist.all_reduce(sums)  # loss at log time only: no sync in the step
             dt, skipped = time.perf_counter() - t0, unreadable(data, dev)
-            log(f'step {step}/{total_steps} | epoch {epoch} | loss {total[0] / total[1]:.6f} | grad '
-                f'{total[2] / world_size / (step - logged):.4f} | lr {lr_now:.3e} | {(step - logged) / dt:.2f} '
+            log(f'step {step}/{total_steps} | epoch {epoch} | loss {sums[0] / (global_batch * (step - logged)):.6f} | '
+                f'grad {sums[1] / world_size / (step - logged):.4f} | lr {lr_now:.3e} | {(step - logged) / dt:.2f} '
                 f'steps/s | {(step - logged) * global_batch / dt:.1f} img/s{skipped}')
             sums.zero_()
         if is_master and sample_every and (step % sample_every == 0 or step == total_steps):
             y = torch.tensor(sample_classes, device=dev)
-            noise = preview_noise(len(y), latent_shape).to(dev)
+            # fixed noise from its own generator: a preview never moves the training streams
+            noise = torch.randn(len(y), *latent_shape, generator=torch.Generator().manual_seed(0)).to(dev)
             os.makedirs(os.path.join(out_dir, 'samples'), exist_ok=True)
-            save_grid(to_uint8(ema_images(ema, rae, y, noise, sample_steps, alpha, ctx)), 4,
+            save_grid(ema_images(ema, rae, y, noise, sample_steps, alpha, ctx), 4,
                       os.path.join(out_dir, 'samples', f'{step:07d}.png'))
         if fid_every and step % fid_every == 0:
             score = online_fid(ema, rae, fid_samples, fid_reference, latent_shape, alpha, sample_steps, ctx,
@@ -444,8 +413,7 @@ def main(argv):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Toy data for CPU smoke runs (configs/tiny.py): synthetic images, a random-weight DINOv2-layout encoder in the
-# Hugging Face hub layout and a random-weight decoder, so the real loading code runs without network
+# Toy data for CPU smoke runs (configs/tiny.py): the real loading code runs on random weights, without network
 
 def make_toy(data_path, encoder_file, decoder_file, image_size, encoder, overrides, num_classes, per_class=24):
     """Write data_path/class<k>/<i>.png (a coloured square on a background of the class's hue, random sizes),

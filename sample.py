@@ -11,11 +11,10 @@ Sample ImageNet images with DiT^DH on RAE latents: the authors' released weights
 Pipeline: noise z ~ N(0, I) [B, 768, h, w] -> Euler (or Heun) on the shifted grid from t = 1 to t = shift(0.001),
 velocity from the DiT (guided or not) -> RAE decoder -> pixels in [0, 1] -> 8 bits.
 
---num-samples N --out x.npz writes the ADM evaluator's format: arr_0 = uint8 [N, H, W, 3], arr_1 = the labels,
-exactly N / 1000 images per class in a fixed shuffled order. Sample i always gets the same noise (seeded by
-(--seed, i)), so the set does not depend on the number of GPUs or the batch size. Finished batches are kept in
-x.npz.parts/ and an interrupted run resumes there. Pixels are quantised by rounding, floor(255 x + 0.5), as DiT and
-torchvision save them (README: differences).
+--num-samples N --out x.npz writes the ADM evaluator's format (arr_0 = uint8 [N, H, W, 3], arr_1 = the labels,
+exactly N / 1000 per class in a fixed shuffled order). Sample i always gets the noise of (--seed, i): the set does not
+depend on the number of GPUs or the batch size. Finished batches wait in x.npz.parts/, where an interrupted run
+resumes. Pixels are rounded, floor(255 x + 0.5), as DiT and torchvision save them (README: differences).
 """
 import argparse
 import json
@@ -33,35 +32,30 @@ import rae
 from files import load_state_dict_file, save_grid, to_uint8, write_images_npy
 from runtime import barrier, cleanup_ddp, one_line_errors, rank0_first, set_tf32, setup_ddp
 
-DIT_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes, when none are given
-
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--class', dest='classes', type=int, nargs='+', default=None, help='ImageNet class ids')
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
+    p.add_argument('--class', dest='classes', type=int, nargs='+', help='ImageNet class ids')
     p.add_argument('--unconditional', action='store_true', help='null label everywhere')
     p.add_argument('--n', type=int, default=4, help='samples per class in the PNG grid')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--steps', type=int, default=50, help='grid points (the released 50 = 49 updates)')
     p.add_argument('--sampler', default='euler', help='euler | heun')
     p.add_argument('--cfg', type=float, default=1.0, help='classifier-free guidance scale w (1 = off)')
-    p.add_argument('--cfg-interval', type=float, nargs=2, default=(0.0, 1.0), metavar=('T_MIN', 'T_MAX'),
+    p.add_argument('--cfg-interval', type=float, nargs=2, default=[0.0, 1.0], metavar=('T_MIN', 'T_MAX'),
                    help='guide only where t_min <= t <= t_max (shifted time, 1 = noise); also for AutoGuidance')
-    p.add_argument('--autoguidance', nargs='?', const='released', default=None, metavar='W',
+    p.add_argument('--autoguidance', nargs='?', const='released', metavar='W',
                    help='AutoGuidance scale (alone: the released 1.42 / 1.5)')
-    p.add_argument('--guide', default=None, help='guide checkpoint for AutoGuidance (default: the released DiT^DH-S)')
+    p.add_argument('--guide', help='guide checkpoint for AutoGuidance (default: the released DiT^DH-S)')
     p.add_argument('--resolution', type=int, default=256, help='256 | 512')
-    p.add_argument('--ckpt', default=None, help='DiT checkpoint of our own training (default: the released DiT^DH-XL); '
-                   "a diffusion_train.py checkpoint brings its run's encoder, decoder, statistics and shift")
-    p.add_argument('--model', default=None, help='the preset of a bare --ckpt / --guide state dict (e.g. DiTDH-XL); '
-                   'diffusion_train.py checkpoints name their own')
-    p.add_argument('--decoder', default=None, help="local RAE decoder file (default: the released or the run's)")
-    p.add_argument('--stats', default=None, help="latent statistics stat.pt (default: the released or the run's)")
-    p.add_argument('--num-samples', type=int, default=None, help='write an ADM npz of this many samples')
-    p.add_argument('--out', default=None, help='output .png (grid) or .npz (with --num-samples)')
+    p.add_argument('--ckpt', help='DiT file (default: the released DiT^DH-XL); diffusion_train.py ones bring their RAE')
+    p.add_argument('--model', help='the preset of a bare --ckpt / --guide state dict (e.g. DiTDH-XL)')
+    p.add_argument('--decoder', help="local RAE decoder file (default: the released or the run's)")
+    p.add_argument('--stats', help="latent statistics stat.pt (default: the released or the run's)")
+    p.add_argument('--num-samples', type=int, help='write an ADM npz of this many samples')
+    p.add_argument('--out', help='output .png (grid) or .npz (with --num-samples)')
     p.add_argument('--batch-size', type=int, default=32, help='per device')
-    p.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    p.add_argument('--device', help='default: cuda if available, else cpu')
     p.add_argument('--precision', default='fp32', help='fp32 | bf16 (autocast; the authors recommend fp32)')
     p.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=True, help='TF32 matmuls on GPU')
     a = p.parse_args(argv)
@@ -81,21 +75,18 @@ def check_args(a):
                          f'{" and ".join(map(str, rae.RELEASED_DITS))} px only')
     if a.sampler not in ('euler', 'heun') or a.precision not in ('fp32', 'bf16'):
         raise ValueError(f'--sampler must be euler or heun, --precision fp32 or bf16 (got {a.sampler}, {a.precision})')
-    if a.steps < 2 or a.n < 1 or a.batch_size < 1:
-        raise ValueError('--steps must be >= 2, --n and --batch-size >= 1')
+    if a.steps < 2 or a.n < 1 or a.batch_size < 1 or (a.num_samples is not None and a.num_samples < 1):
+        raise ValueError('--steps must be >= 2, --n, --batch-size and --num-samples >= 1')
     if not math.isfinite(a.cfg) or (isinstance(a.autoguidance, float) and not math.isfinite(a.autoguidance)):
         raise ValueError(f'--cfg and --autoguidance take finite scales (got {a.cfg}, {a.autoguidance})')
     if not 0 <= a.cfg_interval[0] <= a.cfg_interval[1] <= 1:  # nan fails too
         raise ValueError(f'--cfg-interval {a.cfg_interval[0]} {a.cfg_interval[1]}: expected 0 <= T_MIN <= T_MAX <= 1')
     if a.guide and a.autoguidance is None:
-        raise ValueError('--guide is the AutoGuidance guide: add --autoguidance (the released scale) or '
-                         '--autoguidance W')
+        raise ValueError('--guide is the AutoGuidance guide: add --autoguidance (released scale) or --autoguidance W')
     if a.cfg != 1 and a.autoguidance is not None:
         raise ValueError('use either --cfg or --autoguidance, not both')
     if a.cfg != 1 and a.unconditional:
         raise ValueError('--cfg needs class labels; unconditional sampling can use --autoguidance')
-    if a.num_samples is not None and a.num_samples < 1:
-        raise ValueError(f'--num-samples must be positive (got {a.num_samples})')
     bad = [c for c in a.classes or [] if not 0 <= c < 1000]
     if bad:  # before any download (checked again against the model's own classes once it is loaded)
         raise ValueError(f'--class {bad[0]} is outside [0, 999]')
@@ -109,32 +100,23 @@ def check_args(a):
     parent = Path(a.out).resolve().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK) or Path(a.out).is_dir():
         raise ValueError(f'cannot write {a.out}: {parent} is not a writable directory')
-
-
-def run_config(path):
-    """The config stored in a diffusion_train.py checkpoint ({} for other files): which RAE its latents came from."""
-    ckpt = load_state_dict_file(path)  # mmap'd: reads the config alone
-    run = ckpt.get('config', {}) if isinstance(ckpt, dict) else {}
-    if run and 'model' not in run:
-        raise ValueError(f'{path}: not a DiT checkpoint (a decoder_train.py checkpoint?)')
-    return run
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1 and a.num_samples is None:
+        raise ValueError('torchrun is for --num-samples N --out x.npz; a grid needs one process')
 
 
 def load_models(a, device):
-    """(RAE decoder, DiT, AutoGuidance guide or None, time shift alpha, guide scale), checked to agree on the latent
-    shape. alpha is the run's `shift` when its config set one, else the dimension rule of rae.shift_alpha."""
-    run = run_config(a.ckpt) if a.ckpt else {}
+    """(RAE decoder, DiT, AutoGuidance guide or None, alpha (the run's shift, else rae.shift_alpha), guide scale)."""
+    model = rae.load_dit(a.ckpt, a.model) if a.ckpt else rae.released_dit(a.resolution)  # refuses other files
+    run = load_state_dict_file(a.ckpt).get('config', {}) if a.ckpt else {}  # a diffusion_train.py run: its RAE
     stats = a.stats or run.get('stats')  # None: released; False: the run trained on raw tokens
     autoencoder = rae.RAE.from_pretrained(run.get('encoder', 'dinov2-b'), run.get('image_size', a.resolution),
                                           a.decoder or run.get('decoder'), stats, load_encoder=False,
                                           encoder_overrides=run.get('encoder_overrides'))
-    model = rae.load_dit(a.ckpt, a.model) if a.ckpt else rae.released_dit(a.resolution)
     guide, scale = None, a.autoguidance or 1.0
     if a.autoguidance is not None:
-        guide = rae.load_dit(a.guide, a.model) if a.guide else rae.released_dit(a.resolution, guide=True)
+        guide = (rae.load_dit(a.guide, a.model) if a.guide else rae.released_dit(a.resolution, guide=True)).to(device)
         scale = rae.RELEASED_DITS[a.resolution]['autoguidance'] if a.autoguidance == 'released' else a.autoguidance
-    dec = autoencoder.decoder
-    want = (dec.embed.in_features, dec.grid, dec.grid)  # the latent [C, h, w] the decoder reads
+    want = (autoencoder.decoder.embed.in_features,) + (autoencoder.decoder.grid,) * 2  # the [C, h, w] it decodes
     for name, m in [('--ckpt' if a.ckpt else 'DiT', model), ('--guide' if a.guide else 'guide', guide)]:
         if m is None:
             continue
@@ -144,47 +126,36 @@ def load_models(a, device):
                              f'a checkpoint of another encoder or resolution (--decoder, --resolution)')
         if m.num_classes != model.num_classes:
             raise ValueError(f'{name} has {m.num_classes} classes, the DiT {model.num_classes}')
-    guide = guide.to(device) if guide is not None else None
     return autoencoder.to(device).eval(), model.to(device), guide, run.get('shift') or rae.shift_alpha(want), scale
 
 
-def noise(indices, shape, seed):
-    """z_i ~ N(0, I) from its own generator seeded by (seed, i): independent of batching and world size."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 2 ** 32 + i))
-                        for i in indices])
-
-
 @torch.no_grad()
-def sample_batch(a, models, z, y, progress=False):
-    """Noise [B, C, h, w] and labels [B] -> uint8 images [B, H, W, 3] (numpy); models as load_models gives them."""
+def sample_batch(a, models, idx, labels, progress=False):
+    """Samples idx (a range) of labels [N] -> uint8 images [B, H, W, 3] (numpy); models as load_models gives them.
+    Sample i starts from its own noise z_i ~ N(0, I), seeded by (seed, i): independent of batching and world size."""
     autoencoder, model, guide, alpha, scale = models
     device = next(model.parameters()).device
-    velocity = rae.guided_velocity(model, y.to(device), cfg_scale=a.cfg, cfg_interval=tuple(a.cfg_interval),
-                                   guide=guide, guide_scale=scale)
+    shape = (model.in_channels, model.input_size, model.input_size)
+    z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(a.seed * 2 ** 32 + i)) for i in idx])
+    velocity = rae.guided_velocity(model, labels[idx.start:idx.stop].to(device), cfg_scale=a.cfg,
+                                   cfg_interval=a.cfg_interval, guide=guide, guide_scale=scale)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == 'bf16'):
         x = rae.sample_ode(velocity, z.to(device), a.steps, alpha, method=a.sampler, progress=progress)
     return to_uint8(autoencoder.decode(x.float())).cpu().numpy()  # the decoder in fp32
 
 
-def balanced_labels(n, num_classes, seed):
-    """Exactly n / num_classes of each class, shuffled with a fixed seed (so every rank agrees)."""
-    if n % num_classes:
-        raise ValueError(f'--num-samples {n} is not a multiple of the {num_classes} classes: the labels could not '
-                         'be balanced exactly')
-    labels = torch.arange(num_classes).repeat(n // num_classes)
-    return labels[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
-
-
 def write_npz(a, models, rank, world):
     """Sample a.num_samples images in batches (batch b on rank b % world), then pack arr_0/arr_1 on rank 0."""
     N, bs, model = a.num_samples, a.batch_size, models[1]
-    shape = (model.in_channels, model.input_size, model.input_size)
-    labels = torch.full((N,), model.num_classes) if a.unconditional else balanced_labels(N, model.num_classes, a.seed)
+    if a.unconditional:
+        labels = torch.full((N,), model.num_classes)
+    elif N % model.num_classes:
+        raise ValueError(f'--num-samples {N} is not a multiple of the {model.num_classes} classes (balanced labels)')
+    else:  # exactly N / num_classes of each class, shuffled with a fixed seed (so every rank agrees)
+        labels = torch.arange(model.num_classes).repeat(N // model.num_classes)
+        labels = labels[torch.randperm(N, generator=torch.Generator().manual_seed(a.seed))]
     parts = Path(a.out + '.parts')
-    run = {k: getattr(a, k) for k in ('ckpt', 'guide', 'model', 'decoder', 'stats', 'resolution', 'steps', 'sampler',
-                                      'cfg', 'cfg_interval', 'autoguidance', 'unconditional', 'seed', 'num_samples',
-                                      'batch_size', 'precision', 'tf32')}
-    run['cfg_interval'] = list(run['cfg_interval'])
+    run = {k: v for k, v in vars(a).items() if k not in ('classes', 'n', 'out', 'device')}  # what the batches depend on
     if rank == 0:
         parts.mkdir(exist_ok=True)
         if not (parts / 'run.json').exists():
@@ -193,19 +164,16 @@ def write_npz(a, models, rank, world):
     old = json.loads((parts / 'run.json').read_text())  # every rank checks, so that all stop together
     diff = [f'{k} {old.get(k)!r} -> {v!r}' for k, v in run.items() if k in old and old[k] != v]
     if diff:
-        raise ValueError(f'{parts} holds batches of a different run ({", ".join(diff)}); delete it or '
-                         'choose another --out')
+        raise ValueError(f'{parts} holds a different run ({", ".join(diff)}); delete it or choose another --out')
     n_batches = math.ceil(N / bs)
     done = {b for b in range(n_batches) if (parts / f'{b:06d}.npy').exists()}
     if rank == 0 and done:
         print(f'resuming: {len(done)} of {n_batches} batches already in {parts}')
     todo = [b for b in range(rank, n_batches, world) if b not in done]
     for b in tqdm(todo, desc=f'sampling {N} images', disable=rank != 0):
-        idx = range(b * bs, min(N, (b + 1) * bs))
-        images = sample_batch(a, models, noise(idx, shape, a.seed), labels[idx.start:idx.stop])
-        with open(parts / f'{b:06d}.npy.tmp', 'wb') as f:
-            np.save(f, images)
-        os.replace(parts / f'{b:06d}.npy.tmp', parts / f'{b:06d}.npy')  # a killed run never leaves half a batch
+        images = sample_batch(a, models, range(b * bs, min(N, (b + 1) * bs)), labels)
+        np.save(parts / f'{b:06d}.tmp.npy', images)
+        os.replace(parts / f'{b:06d}.tmp.npy', parts / f'{b:06d}.npy')  # a killed run never leaves half a batch
     barrier()
     if rank == 0:  # np.savez's layout (arr_0, arr_1 in a zip), streamed part by part
         files = [parts / f'{b:06d}.npy' for b in range(n_batches)]
@@ -221,9 +189,6 @@ def write_npz(a, models, rank, world):
 
 def run(a):
     check_args(a)
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    if world > 1 and a.num_samples is None:
-        raise ValueError('torchrun is for --num-samples N --out x.npz; a grid needs one process')
     rank, _, world, device, _ = setup_ddp(a.device)
     set_tf32(a.tf32)
     with rank0_first():  # rank 0 downloads; the others then hit the cache
@@ -232,18 +197,13 @@ def run(a):
     if a.num_samples is not None:
         write_npz(a, models, rank, world)
     else:
-        if a.unconditional:
-            y = torch.full((a.n,), model.num_classes)
-        else:
-            classes = a.classes or DIT_CLASSES
-            bad = [c for c in classes if not 0 <= c < model.num_classes]
-            if bad:
-                raise ValueError(f'--class {bad[0]} is outside [0, {model.num_classes - 1}]')
-            y = torch.tensor(classes).repeat_interleave(a.n)
-        shape = (model.in_channels, model.input_size, model.input_size)
-        batches = [range(i, min(i + a.batch_size, len(y))) for i in range(0, len(y), a.batch_size)]
-        images = np.concatenate([sample_batch(a, models, noise(b, shape, a.seed), y[b.start:b.stop], progress=True)
-                                 for b in batches])
+        classes = a.classes or [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
+        bad = [c for c in classes if c >= model.num_classes and not a.unconditional]  # [0, 999] was checked before
+        if bad:
+            raise ValueError(f'--class {bad[0]} is outside [0, {model.num_classes - 1}]')
+        y = torch.full((a.n,), model.num_classes) if a.unconditional else torch.tensor(classes).repeat_interleave(a.n)
+        images = np.concatenate([sample_batch(a, models, range(i, min(i + a.batch_size, len(y))), y, progress=True)
+                                 for i in range(0, len(y), a.batch_size)])
         save_grid(images, a.n, a.out)
         what = 'unconditional' if a.unconditional else f'class {", ".join(map(str, classes))}'
         print(f'wrote {a.out}: {len(images)} samples ({what}), {a.n} per row')

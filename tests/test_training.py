@@ -478,3 +478,30 @@ def test_log_header(tmp_path, monkeypatch):
     monkeypatch.setenv('RANK', '1')
     training.start_log(str(tmp_path / 'other'), {}, 'cpu')('hidden')
     assert not (tmp_path / 'other').exists()
+
+
+HUNG_RANK = '''
+import sys, time, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import runtime
+rank, *_ = runtime.setup_ddp('cpu', timeout_minutes=0.05)
+if rank == 1:
+    time.sleep(120)  # alive, but never reaches the barrier
+dist.barrier()
+print('passed the barrier', flush=True)
+'''
+
+
+def test_a_hung_rank_ends_the_job_after_the_timeout(tmp_path):
+    """setup_ddp's timeout reaches init_process_group: rank 0 gives up on the stuck rank 1 after 3 s with a timeout
+    error and torchrun ends the job, long before rank 1 would wake."""
+    import subprocess
+    import sys
+    import time
+    path = tmp_path / 'hung.py'
+    path.write_text(HUNG_RANK.format(repo=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(path)],
+                       capture_output=True, text=True, timeout=100, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode != 0 and 'passed the barrier' not in r.stdout
+    assert 'Timed out' in r.stderr and time.monotonic() - start < 90

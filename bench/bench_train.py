@@ -1,15 +1,33 @@
-"""Speed of the diffusion_train.py training step: ms/step and img/s for fp32 / bf16, eager / compiled, from the latent
-cache / from images through the encoder, and the analytic FLOPs per image (so MFU can be read off on a GPU).
+"""Speed and FLOP accounting of the diffusion_train.py training step: ms/step, img/s, achieved TFLOP/s and MFU for
+fp32 / bf16, eager / compiled, from the latent cache / from images through the encoder.
 
     python bench/bench_train.py                                   # DiT^DH-S, batch 8, CPU: all 8 combinations
-    python bench/bench_train.py --model DiTDH-XL --batch 128 --device cuda --precisions bf16   # MFU on one GPU
+    python bench/bench_train.py --model DiTDH-XL --batch 128 --device cuda --precisions bf16 --compile 1   # MFU
+    python bench/bench_train.py --model DiTDH-XL --flops-only --analytic   # the FLOP count alone: any machine, seconds
+
+What it prints, top to bottom:
+  - FLOPs of one training step per image, counted by torch.utils.flop_counter.FlopCounterMode on the model's own
+    code (its forward + backward of rae.flow_loss, run on meta-device stand-ins of its weights: shapes only, no
+    memory, no compute). The "images" source adds the forward of the frozen encoder; the cache path has none.
+    Counted are the matmuls, convolutions and attention (as the counter does); element-wise work is not.
+  - the peak MFU divides by, per precision: on a GPU the dense datasheet peak for its name (PEAK_TFLOPS: bf16, and
+    TF32 for fp32 rows, since fp32 matmuls run as TF32 here); on a CPU (or an unknown GPU) the speed of a large
+    torch.mm in the row's dtype, measured in this run. --peak-tflops overrides both.
+  - one row per (precision, mode, source): warm-up s, ms/step, img/s, TFLOP/s (counted FLOPs / step time), MFU
+    and the speed-up over the first row (house rule: ratios against a baseline measured in the same run)
+  - bf16 against fp32: the step-time ratio for each mode and source measured in both, on this machine
+  - --analytic: the counted forward against an analytic count from the layer sizes (ratio ~1.000 expected), and
+    for DiT^DH-XL the paper's Table 18 figure (145.03 "GFlops" = GMACs forward per 256 px image). The paper counts
+    the head's adaLN modulation once per image; in the released model the head is modulated per token (its
+    condition s is a token map), which adds ~15 GMAC: both conventions are printed.
 
 A step is the loop body of diffusion_train.py: latents (memory-mapped cache, or PNGs through ImageFolder and a
 random-weight DINOv2-B encoder at 224 px), the per-row draws, forward, backward, clip, AdamW, EMA. Data loading runs
-in the step (workers=0), so "images" includes PNG decoding. FLOPs: matmuls and attention counted by
-torch.utils.flop_counter on a meta-device copy (forward + backward, the encoder not counted).
+in the step (workers=0), so "images" includes PNG decoding (bench/bench_data.py measures the data path alone).
 """
 import argparse
+import itertools
+import math
 import os
 import sys
 import tempfile
@@ -19,30 +37,176 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import diffusion_train as dt  # noqa: E402
-from rae import ENCODERS, RAE, Encoder, build_dit, flow_loss, shift_alpha, step_draws  # noqa: E402
+from rae import DDT_HEAD, DIT_SIZES, ENCODERS, RAE, Encoder, build_dit, flow_loss, shift_alpha, step_draws  # noqa
 from runtime import set_tf32  # noqa: E402
 from training import ImageFolder, make_ema, update_ema  # noqa: E402
 
-# dense peak TFLOP/s of the tensor cores (fp32 runs as TF32)
-PEAK_TFLOPS = {'H100': {'bf16': 989, 'fp32': 495}, 'H200': {'bf16': 989, 'fp32': 495},
-               'A100': {'bf16': 312, 'fp32': 156}}
+# Dense (no sparsity) datasheet peaks in TFLOP/s by a substring of torch.cuda.get_device_name: (bf16, fp32 as TF32).
+# Checked in order, so the more specific names come first ('H100 PCIe' before 'H100', 'A100' before 'A10').
+PEAK_TFLOPS = [('H100 PCIe', 756, 378), ('H100 NVL', 835, 418), ('H200 NVL', 835, 418), ('H100', 989, 495),
+               ('H200', 989, 495), ('A100', 312, 156), ('L40S', 362, 183), ('A10G', 125, 62.5), ('A10', 125, 62.5),
+               ('L4', 121, 60), ('RTX 4090', 165, 82.6),
+               ('V100', 125, 15.7)]  # V100: the fp16 tensor-core peak (no bf16, no TF32; fp32 is plain FP32)
+# Table 18, 256 px, DINOv2-B latents [768, 16, 16]. The counter gives 161.58 GMAC for our DiT^DH-XL, equal to the
+# analytic count; 146.61 with the head modulated once per image (the paper's convention, and its Table 15 head
+# figure 26.78 matches it), ~1% above the paper's 145.03.
+PAPER_FORWARD_GMACS = {'DiTDH-XL': 145.03}
+LATENT_SHAPE = (768, 16, 16)  # DINOv2-B at 256 px
 
 
-def train_flops_per_image(name, latent_shape, num_classes=1000):
-    """Forward + backward FLOPs of one image, counted on a meta-device model (no memory, no compute)."""
-    with torch.device('meta'):
-        model = build_dit(name, input_size=latent_shape[1], in_channels=latent_shape[0], num_classes=num_classes,
-                          class_dropout_prob=0.0)
-    model = model.to('meta')  # the sin-cos tables are built on the CPU from numpy
-    x = torch.zeros(1, *latent_shape, device='meta')
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# FLOPs: counted, and analytic
+
+def meta_like(module):
+    """{name: meta tensor} for every parameter and buffer: functional_call(module, meta_like(module), args) runs the
+    module's own forward on shapes only."""
+    return {n: torch.empty_like(t, device='meta').requires_grad_(t.requires_grad)
+            for n, t in itertools.chain(module.named_parameters(), module.named_buffers())}
+
+
+def step_flops(dit, latent_shape=LATENT_SHAPE, encoder=None, image_size=256, forward_only=False, batch=2):
+    """FLOPs per image of one diffusion training step of `dit` (forward + backward of flow_loss; forward_only: the
+    DiT forward alone), plus the no-grad forward of `encoder` on image_size images when one is given, counted by
+    FlopCounterMode on meta tensors. Any instance works (real weights, or one built under torch.device('meta'))."""
     with FlopCounterMode(display=False) as counter:
-        model(x, torch.zeros(1, device='meta'), torch.zeros(1, dtype=torch.long, device='meta')).sum().backward()
-    return counter.get_total_flops()
+        if encoder is not None:
+            check, encoder.check_inputs = encoder.check_inputs, False  # a range check cannot read meta values
+            try:
+                with torch.no_grad():
+                    functional_call(encoder, meta_like(encoder), (torch.zeros(batch, 3, image_size, image_size,
+                                                                              device='meta'),))
+            finally:
+                encoder.check_inputs = check
+        state = meta_like(dit)
+        x = torch.zeros(batch, *latent_shape, device='meta')
+        y, t = torch.zeros(batch, dtype=torch.long, device='meta'), torch.zeros(batch, device='meta')
+        if forward_only:
+            functional_call(dit, state, (x, t, y))
+        else:
+            flow_loss(lambda *a: functional_call(dit, state, a), x, y, 1.0, eps=torch.zeros_like(x), t=t).sum() \
+                .backward()
+    return counter.get_total_flops() / batch
 
+
+def meta_dit(name, latent_shape=LATENT_SHAPE, **kwargs):
+    """The build_dit model on the meta device (no memory, no init cost): for counting FLOPs of any size anywhere."""
+    with torch.device('meta'):
+        return build_dit(name, input_size=latent_shape[1], in_channels=latent_shape[0], class_dropout_prob=0.0,
+                         **kwargs)
+
+
+def _block_macs(width, tokens, mlp_hidden, mlp_matrices=3, modulations=1):
+    """One pre-norm transformer block: qkv + proj (4 N D^2), the MLP (N D h per matrix: SwiGLU 3, GELU MLP 2),
+    attention (QK^T and AV, 2 N^2 D) and the adaLN linear (6 D^2 per modulation vector: 1 an image, N a token map;
+    0 in a ViT encoder block)."""
+    return tokens * (4 * width ** 2 + mlp_matrices * width * mlp_hidden) + 2 * tokens ** 2 * width + \
+        modulations * 6 * width ** 2
+
+
+def analytic_forward_macs(name, latent_shape=LATENT_SHAPE, head_per_token=True):
+    """Multiply-accumulates of one image's forward through a build_dit preset, from its layer sizes (None for a
+    size outside the presets). head_per_token=False counts the DiT^DH head's modulation once per image, as the
+    paper's Table 18 does; the model modulates its head per token."""
+    family, _, size = name.partition('-')
+    if size not in DIT_SIZES:
+        return None
+    C, N = latent_shape[0], latent_shape[1] * latent_shape[2]
+    D, depth, _ = DIT_SIZES[size]
+    swiglu = lambda d: int(2 * int(4 * d) / 3)  # noqa: E731  (rae.DiTBlock's hidden size, mlp_ratio 4)
+    time_mlp = 512 * D + D * D  # Fourier features [sin, cos] of 256 frequencies -> D -> D
+    if family == 'LightningDiT':
+        return (N * C * D + time_mlp + depth * _block_macs(D, N, swiglu(D))
+                + 2 * D * D + N * D * C)  # final layer: per-image adaLN (shift, scale), then the linear map
+    H, head_depth, _ = DDT_HEAD
+    m = N * C * D + time_mlp + depth * _block_macs(D, N, swiglu(D))  # backbone, conditioned per image
+    m += (N * D * H if D != H else 0) + N * C * H  # s_projector; x_embedder (the head's own view of x_t)
+    per = N if head_per_token else 1
+    m += head_depth * _block_macs(H, N, swiglu(H), modulations=per)  # the DDT head, conditioned by the token map s
+    return m + per * 2 * H * H + N * H * C  # final layer
+
+
+def analytic_encoder_macs(encoder):
+    """Multiply-accumulates of one image's forward through a ViT Encoder (patch embedding and blocks)."""
+    D, p = encoder.patch_embed.out_channels, encoder.patch
+    n = (encoder.input_size // p) ** 2
+    block = encoder.blocks[0]
+    mlp = block.fc1.out_features
+    return n * 3 * p * p * D + len(encoder.blocks) * _block_macs(D, n + encoder.n_prefix, mlp, 2, modulations=0)
+
+
+def print_analytic(name, latent_shape, encoder=None, image_size=256):
+    """Counted against analytic forward MACs per image (and the paper's figure where it has one)."""
+    counted = step_flops(meta_dit(name, latent_shape), latent_shape, forward_only=True) / 2
+    analytic = analytic_forward_macs(name, latent_shape)
+    if analytic is None:
+        print(f'{name}: counted forward {counted / 1e9:.2f} GMAC per image; no analytic count outside the presets')
+    else:
+        paper = analytic_forward_macs(name, latent_shape, head_per_token=False)
+        print(f'{name} forward per image: counted {counted / 1e9:.2f} GMAC, analytic {analytic / 1e9:.2f} GMAC '
+              f'(counted / analytic {counted / analytic:.4f})' +
+              (f'; head modulated once per image (the paper\'s convention): {paper / 1e9:.2f} GMAC'
+               if paper != analytic else ''))
+    if name in PAPER_FORWARD_GMACS and tuple(latent_shape) == LATENT_SHAPE:
+        print(f'  paper Table 18: {PAPER_FORWARD_GMACS[name]:.2f} GMAC ("GFlops"); counted / paper '
+              f'{counted / 1e9 / PAPER_FORWARD_GMACS[name]:.4f}')
+    train = step_flops(meta_dit(name, latent_shape), latent_shape) / 2
+    print(f'  training step (forward + backward) / forward, counted: {train / counted:.3f} (3, less the input '
+          f'gradient of the patch embeddings: x_t needs none)')
+    if encoder is not None:
+        ce = step_flops(meta_dit(name, latent_shape), latent_shape, encoder, image_size) / 2 - train
+        ae = analytic_encoder_macs(encoder)
+        print(f'  encoder {encoder.name} forward: counted {ce / 1e9:.2f} GMAC, analytic {ae / 1e9:.2f} GMAC '
+              f'(counted / analytic {ce / ae:.4f})')
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Peaks
+
+def matmul_tflops(device, dtype, n=2048, reps=3):
+    """TFLOP/s of the best of `reps` n x n torch.mm in dtype, after one untimed call."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e12
+
+
+def peak_tflops(device, precision, override=None, n=2048):
+    """(TFLOP/s, where it comes from) that MFU divides by for a row in `precision` ('fp32' or 'bf16')."""
+    if override:
+        return override, '--peak-tflops'
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+        for key, bf16, fp32 in PEAK_TFLOPS:
+            if key in name:
+                kind = 'bf16' if precision == 'bf16' else 'TF32'
+                return (bf16 if precision == 'bf16' else fp32), f'{key} datasheet, dense {kind}'
+    dtype = torch.bfloat16 if precision == 'bf16' else torch.float32
+    return matmul_tflops(device, dtype, n), f'measured: torch.mm {n}x{n} {precision}'
+
+
+def device_name(device):
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'CPU ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)'
+
+
+# -----------------------------------------------------------------------------------------------------------
 
 def make_sources(root, batch, latent_shape, image_size=256):
     """A latent cache (float16) and a folder of random PNGs, two batches each."""
@@ -69,26 +233,38 @@ def main():
     ap.add_argument('--steps', type=int, default=2, help='timed steps per row')
     ap.add_argument('--warmup', type=int, default=1, help='untimed steps first (compilation happens here)')
     ap.add_argument('--threads', type=int, default=torch.get_num_threads())
+    ap.add_argument('--peak-tflops', type=float, default=None, help='the peak MFU divides by (default: see above)')
+    ap.add_argument('--peak-size', type=int, default=2048, help='side of the torch.mm that measures a CPU peak')
+    ap.add_argument('--analytic', action='store_true', help='print counted vs analytic forward MACs')
+    ap.add_argument('--flops-only', action='store_true', help='print the FLOP counts (and --analytic) and exit')
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     cuda = dev.type == 'cuda'
     set_tf32(True)
-    latent_shape = (768, 16, 16)  # DINOv2-B at 256 px
+    latent_shape = LATENT_SHAPE
     alpha = shift_alpha(latent_shape)
-    flops = train_flops_per_image(a.model, latent_shape)
-    gpu = torch.cuda.get_device_name(dev) if cuda else 'cpu'
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
-    print(f'{a.model}, batch {a.batch}, latents {list(latent_shape)}, {gpu}, {a.threads} threads: '
-          f'{flops / 1e9:.1f} GFLOP per image per training step (forward + backward)')
     torch.manual_seed(0)
     rae = RAE(Encoder(**ENCODERS['dinov2-b'], name='dinov2-b'), None, None, torch.ones(latent_shape)).to(dev)
+    rae.encoder.check_inputs = False  # as diffusion_train.py: ImageFolder gives [0, 1]; the check syncs each step
+    probe = meta_dit(a.model, latent_shape)
+    flops = {'cache': step_flops(probe, latent_shape), 'images': step_flops(probe, latent_shape, rae.encoder)}
+    print(f'{a.model}, batch {a.batch}, latents {list(latent_shape)}, {device_name(dev)}: FLOPs per image of a '
+          f'training step (counted, forward + backward): {flops["cache"] / 1e9:.1f} G from the cache, '
+          f'{flops["images"] / 1e9:.1f} G from images (+ the DINOv2-B forward)')
+    if a.analytic:
+        print_analytic(a.model, latent_shape, rae.encoder)
+    if a.flops_only:
+        return
+    precisions = a.precisions.split(',')
+    peaks = {p: peak_tflops(dev, p, a.peak_tflops, a.peak_size) for p in precisions}
+    print('peak: ' + '; '.join(f'{p} {v:.3g} TFLOP/s ({src})' for p, (v, src) in peaks.items()))
     with tempfile.TemporaryDirectory() as tmp:
         sources = dict(zip(('cache', 'images'), make_sources(tmp, a.batch, latent_shape)))
-        print(f'{"precision":>9} {"mode":>8} {"source":>7} {"warm-up s":>10} {"ms/step":>9} {"img/s":>8} {"MFU":>6} '
-              f'{"speed-up":>9}')
-        baseline = None  # ms/step of the first row (fp32 eager from the cache by default)
-        for precision in a.precisions.split(','):
+        print(f'{"precision":>9} {"mode":>8} {"source":>7} {"warm-up s":>10} {"ms/step":>9} {"img/s":>8} '
+              f'{"TFLOP/s":>8} {"MFU":>6} {"speed-up":>9}')
+        baseline, ms_of = None, {}  # ms/step of the first row (fp32 eager from the cache by default), of every row
+        for precision in precisions:
             ctx = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
             for compiled in map(int, a.compile.split(',')):
                 torch.manual_seed(0)
@@ -111,9 +287,9 @@ def main():
                             it = iter(loader)
                             inputs, y = next(it)
                         inputs = inputs.to(dev, non_blocking=True)
-                        x = rae.normalize(inputs) if source == 'cache' else rae.encode(inputs)
+                        x = (rae.normalize(inputs) if source == 'cache' else rae.encode(inputs)).contiguous()
                         eps, t, drop = step_draws(0, step, rows, a.batch, latent_shape, 'logit-normal', alpha, 0.1,
-                                                     dev)
+                                                  dev)
                         y = torch.where(drop, 1000, y.to(dev))
                         with ctx:
                             loss = flow_loss(net, x, y, alpha, eps=eps, t=t)
@@ -133,10 +309,16 @@ def main():
                         train_step()
                     ms = (time.perf_counter() - t1) / a.steps * 1000
                     ips = a.batch / ms * 1000
-                    mfu = f'{ips * flops / (peak[precision] * 1e12):.1%}' if peak else '-'
+                    tflops = ips * flops[source] / 1e12
                     baseline = baseline or ms
-                    print(f'{precision:>9} {"compiled" if compiled else "eager":>8} {source:>7} {t1 - t0:>10.1f} '
-                          f'{ms:>9.0f} {ips:>8.2f} {mfu:>6} {baseline / ms:>8.2f}x', flush=True)
+                    mode = 'compiled' if compiled else 'eager'
+                    ms_of[precision, mode, source] = ms
+                    print(f'{precision:>9} {mode:>8} {source:>7} {t1 - t0:>10.1f} {ms:>9.0f} {ips:>8.2f} '
+                          f'{tflops:>8.3g} {tflops / peaks[precision][0]:>6.1%} {baseline / ms:>8.2f}x', flush=True)
+        for (precision, mode, source), ms in ms_of.items():
+            if precision == 'fp32' and ('bf16', mode, source) in ms_of:
+                print(f'bf16 vs fp32 here, {mode}, {source}: bf16 step time / fp32 step time = '
+                      f'{ms_of["bf16", mode, source] / ms:.2f}')
 
 
 if __name__ == '__main__':

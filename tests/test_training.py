@@ -505,3 +505,30 @@ def test_a_hung_rank_ends_the_job_after_the_timeout(tmp_path):
                        capture_output=True, text=True, timeout=100, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert r.returncode != 0 and 'passed the barrier' not in r.stdout
     assert 'Timed out' in r.stderr and time.monotonic() - start < 90
+
+
+def rank0_first_run(rank, port, local_ranks, out):
+    """One rank of a 2-process job whose ranks have the given LOCAL_RANKs: (0, 1) one node, (0, 0) two nodes."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_ranks[rank]), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    import time
+    runtime.setup_ddp('cpu')
+    with runtime.rank0_first():
+        start = time.monotonic()
+        time.sleep(1.0)  # a download
+        end = time.monotonic()
+    with open(os.path.join(out, f'{rank}.txt'), 'w') as f:
+        f.write(f'{start} {end}')
+    runtime.cleanup_ddp()
+
+
+@pytest.mark.parametrize('local_ranks, overlap', [((0, 1), False), ((0, 0), True)])
+def test_rank0_first_runs_local_rank_0_of_every_node_first(tmp_path, local_ranks, overlap):
+    """On one node rank 1 enters after rank 0 left; on two nodes (both local rank 0) both fill their own node's
+    cache at once, and the barriers still pair up (no hang)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(rank0_first_run, args=(port, local_ranks, str(tmp_path)), nprocs=2)
+    (s0, e0), (s1, e1) = [map(float, (tmp_path / f'{r}.txt').read_text().split()) for r in range(2)]
+    assert (s1 < e0) == overlap

@@ -14,7 +14,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import requests
@@ -23,14 +23,54 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 # -----------------------------------------------------------------------------------------------------------
-# Downloads: one cache (RAE_CACHE, default ~/.cache/rae), a .part file renamed only when complete and verified
+# Downloads: one cache (RAE_CACHE, default ~/.cache/rae), a .part file renamed only when complete and verified.
+# A hub file that `hf download` already put on disk (RAE_LOCAL_DIR, the Hugging Face cache) is read where it lies.
 RETRY_STATUS = (429, 500, 502, 503, 504)  # transient server answers: retried with back-off; other errors are final
+HUB_FILE = re.compile(r'/([^/]+/[^/]+)/resolve/([^/]+)/(.+)')  # /<org>/<name>/resolve/<revision>/<path>
+
+
+def hub_endpoints():
+    """HF_ENDPOINT (a mirror, the hub convention) and the hub itself: the only hosts that are sent HF_TOKEN."""
+    return os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/'), 'https://huggingface.co'
 
 
 def hf_url(repo_id, path):
-    """URL of a file on the Hugging Face hub; HF_ENDPOINT points it at a mirror (the hub convention)."""
-    endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
-    return f'{endpoint}/{repo_id}/resolve/main/{path}'
+    """URL of a file on the Hugging Face hub, at HF_ENDPOINT."""
+    return f'{hub_endpoints()[0]}/{repo_id}/resolve/main/{path}'
+
+
+def hub_file(url):
+    """(repo, revision, path) of a file URL on the hub, else None."""
+    for endpoint in hub_endpoints():
+        if url.startswith(endpoint + '/'):
+            m = HUB_FILE.fullmatch(urlparse(url[len(endpoint):]).path)
+            return tuple(unquote(g) for g in m.groups()) if m else None
+    return None
+
+
+def hub_copies(repo, revision, path):
+    """Where a hub file may already lie: <folder>/<path> for each RAE_LOCAL_DIR folder (`hf download --local-dir`)
+    that names no repo or this one, then the Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub) at the commit that
+    refs/<revision> names."""
+    env = os.environ.get
+    local = []
+    for entry in env('RAE_LOCAL_DIR', '').split(os.pathsep):  # `folder`, or `org/name=folder` for one repo only
+        name, _, folder = entry.rpartition('=')
+        if folder and name in ('', repo):
+            local.append(Path(folder).expanduser() / path)
+    home = env('HF_HOME') or Path(env('XDG_CACHE_HOME') or Path.home() / '.cache') / 'huggingface'
+    repo_dir = Path(env('HF_HUB_CACHE') or Path(home) / 'hub').expanduser() / f'models--{repo.replace("/", "--")}'
+    ref = repo_dir / 'refs' / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision  # a commit hash names its snapshot itself
+    return local + [repo_dir / 'snapshots' / commit / path]
+
+
+def hub_token(url):
+    """The Authorization header for a hub request when HF_TOKEN is set (gated or private repositories). requests
+    drops it when a redirect leaves the host (the hub sends file bodies from a CDN), so only the hub sees it."""
+    token = os.environ.get('HF_TOKEN', '').strip()
+    on_hub = any(url.startswith(e + '/') for e in hub_endpoints())
+    return {'Authorization': f'Bearer {token}'} if token and on_hub else {}
 
 
 def cache_dir():
@@ -39,10 +79,17 @@ def cache_dir():
 
 def download(url, sha256=None, size=None, filename=None, retries=5, md5=None):
     """Fetch url once into the cache at the URL's path without the host (a mirror shares it) or filename; -> the
-    path. sha256 / md5: the published hex digest or its first digits (torchvision names its files after 8)."""
+    path. A hub file in RAE_LOCAL_DIR or the Hugging Face cache is used there, not copied; HF_HUB_OFFLINE=1 makes
+    no request at all. sha256 / md5: the published hex digest or its first digits (torchvision names files after 8)."""
     path = cache_dir() / (filename or urlparse(url).path.lstrip('/'))
-    if cached(path, size):
-        return str(path)  # cache hit: no request at all
+    hub = hub_file(url)
+    places = [*(hub_copies(*hub) if hub else ()), path]
+    for place in places:
+        if cached(place, size, ours=place == path):
+            return str(place)  # cache hit: no request at all
+    if os.environ.get('HF_HUB_OFFLINE', '').upper() in ('1', 'ON', 'YES', 'TRUE'):  # the hub's spellings of true
+        name = f'{hub[2]} of {hub[0]}' if hub else url
+        raise RuntimeError(f'HF_HUB_OFFLINE is set and {name} is in none of {", ".join(map(str, places))}')
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(path.with_name(path.name + '.lock')) as lock:  # processes that want one file take turns
@@ -54,16 +101,19 @@ def download(url, sha256=None, size=None, filename=None, retries=5, md5=None):
     return str(path)
 
 
-def cached(path, size=None):
-    """Whether path holds a good copy; a bad one (truncated, an HTML page) is moved aside to <name>.bad."""
-    if not path.exists() or (size is not None and path.stat().st_size != size):
+def cached(path, size=None, ours=True):
+    """Whether path holds a good copy; a bad one (truncated, an HTML page) in our cache is moved aside to <name>.bad,
+    one in the user's folders (RAE_LOCAL_DIR, the Hugging Face cache) is left as it is and passed over."""
+    if not path.is_file() or (size is not None and path.stat().st_size != size):
         return False
     try:
         check_format(path)
         return True
     except ValueError as e:
-        os.replace(path, path.with_name(path.name + '.bad'))
-        print(f'{e}: moved aside to {path.name}.bad, fetching it again', file=sys.stderr)
+        if ours:
+            os.replace(path, path.with_name(path.name + '.bad'))
+        print(f'{e}: ' + (f'moved aside to {path.name}.bad, fetching it again' if ours else 'passed over'),
+              file=sys.stderr)
         return False
 
 
@@ -95,13 +145,16 @@ def fetch(url, path, lock, sha256, md5, size, retries):
         if attempt:
             time.sleep(min(2 ** (attempt - 1), 10) * 0.1)
         have = part.stat().st_size if part.exists() else 0
-        headers = {'Range': f'bytes={have}-'} if have else {}
+        headers = {**hub_token(url), **({'Range': f'bytes={have}-'} if have else {})}
         try:
             with requests.get(url, headers=headers, stream=True, timeout=30) as r:
                 if r.status_code == 416:  # the partial file is already complete
                     break
                 if r.status_code in RETRY_STATUS and attempt < retries - 1:
                     continue
+                if r.status_code in (401, 403) and hub_file(url):
+                    raise RuntimeError(f'download of {url} failed: HTTP {r.status_code}; a gated or private '
+                                       'repository? set HF_TOKEN to a token that may read it')
                 if r.status_code not in (200, 206):
                     raise RuntimeError(f'download of {url} failed: HTTP {r.status_code}; {hint}')
                 if r.status_code == 206 and not r.headers.get('Content-Range', '').startswith(f'bytes {have}-'):

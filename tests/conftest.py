@@ -25,6 +25,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def no_user_hub_files(tmp_path_factory, monkeypatch):
+    """Tests never see the developer's own hub files or settings: an empty Hugging Face home, no local dirs, no
+    offline switch, no token (tests that want them set them)."""
+    monkeypatch.setenv('HF_HOME', str(tmp_path_factory.mktemp('hf_home')))
+    for name in ('HF_HUB_CACHE', 'RAE_LOCAL_DIR', 'HF_HUB_OFFLINE', 'HF_TOKEN'):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope='session')
 def reference_dir():
     """../shared/reference (key lists, facts, golden/), or a clean skip when it is absent."""

@@ -4,14 +4,17 @@ checks, an ImageNet-style image folder and its resumable loader, EMA, checkpoint
 schedules, the toy encoder of the smoke runs and the run log. The scripts show the order of use.
 """
 import ast
+import contextlib
 import copy
 import errno
+import json
 import math
 import multiprocessing
 import os
 import platform
 import random
 import re
+import secrets
 import subprocess
 import sys
 import types
@@ -19,7 +22,7 @@ import types
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from files import IMAGE_EXTS, center_crop_arr, open_rgb, published_state_dict
@@ -407,3 +410,79 @@ def start_log(out_dir, config, device):
     log(f'# git {commit}\n# torch {torch.__version__}, {world} x {name}\n# {" ".join(sys.argv)}\n'
         + '\n'.join(f'{k} = {v!r}' for k, v in config.items()))
     return log
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Metrics: out_dir/metrics.jsonl and out_dir/loss.png for every run, Weights & Biases when asked (rank 0 only)
+
+class Metrics:
+    """One JSON object per log step in out_dir/metrics.jsonl, the loss and lr curves in out_dir/loss.png (drawn with
+    PIL), and with wandb_log the same numbers and the preview grids in a Weights & Biases run (imported only then)
+    that a restart resumes. A run resuming at `step` first drops the records after it: the curves go on without
+    duplicates. Off rank 0 every method does nothing."""
+
+    def __init__(self, out_dir, config, step=0, wandb_log=False, wandb_project='nano-rae', wandb_run_name=None):
+        self.active, self.wandb, self.records = int(os.environ.get('RANK', 0)) == 0, None, []
+        self.path, self.plot_path = os.path.join(out_dir, 'metrics.jsonl'), os.path.join(out_dir, 'loss.png')
+        if not self.active:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    with contextlib.suppress(ValueError):  # a line cut short by a crash is dropped
+                        self.records.append(json.loads(line))
+        self.records = [r for r in self.records if isinstance(r, dict) and r.get('step', 0) <= step]
+        with open(self.path + '.tmp', 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in self.records)
+        os.replace(self.path + '.tmp', self.path)
+        if wandb_log:
+            import wandb  # optional: only runs that ask for it need the package
+            id_path = os.path.join(out_dir, 'wandb_id.txt')  # the run id, so that a restart resumes the same run
+            if not os.path.exists(id_path):
+                with open(id_path, 'w') as f:
+                    f.write(secrets.token_hex(4))
+            with open(id_path) as f:
+                run_id = f.read().strip()
+            self.wandb = wandb.init(project=wandb_project, name=wandb_run_name, id=run_id, resume='allow',
+                                    config=config)
+
+    def log(self, step, **values):
+        """Append {'step': step, **values} (numbers as Python floats/ints) and send it to wandb."""
+        if not self.active:
+            return
+        record = {'step': step, **{k: v if isinstance(v, (int, str)) else float(v) for k, v in values.items()}}
+        self.records.append(record)
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+
+    def image(self, key, path, step):
+        if self.wandb is not None:
+            import wandb
+            self.wandb.log({key: wandb.Image(path)}, step=step)
+
+    def plot(self, keys=('loss', 'lr'), size=(640, 360), margin=40):
+        """loss.png: each key against the step, scaled to its own range (the legend gives it), written atomically."""
+        curves = {k: [(r['step'], r[k]) for r in self.records if k in r] for k in keys}
+        if not self.active or len(curves[keys[0]]) < 2:
+            return
+        W, H = size
+        im = Image.new('RGB', size, 'white')
+        draw = ImageDraw.Draw(im)
+        steps = [s for curve in curves.values() for s, _ in curve]
+        s0, s1 = min(steps), max(steps)
+        draw.rectangle([margin, margin // 2, W - margin, H - margin], outline=(170, 170, 170))
+        draw.text((margin, H - margin + 6), f'step {s0}', fill='black')
+        draw.text((W - 2 * margin - 20, H - margin + 6), f'step {s1}', fill='black')
+        for i, (key, curve) in enumerate(c for c in curves.items() if c[1]):
+            values = [v for _, v in curve]
+            lo, hi = min(values), max(values)
+            xy = [(margin + (s - s0) / max(s1 - s0, 1) * (W - 2 * margin),
+                   H - margin - (v - lo) / ((hi - lo) or 1) * (H - 1.5 * margin)) for s, v in curve]
+            colour = [(200, 30, 30), (30, 90, 200), (30, 150, 60)][i % 3]
+            draw.line(xy, fill=colour, width=2) if len(xy) > 1 else draw.point(xy, fill=colour)
+            draw.text((margin + 6 + 170 * i, margin // 2 + 4), f'{key} {lo:.4g} .. {hi:.4g}', fill=colour)
+        im.save(self.plot_path + '.tmp.png')
+        os.replace(self.plot_path + '.tmp.png', self.plot_path)

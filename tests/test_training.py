@@ -1,5 +1,6 @@
 """Training plumbing: config overrides, image folder, EMA, checkpoints and exact resume, DDP, LR schedules."""
 import errno
+import json
 import math
 import os
 import random
@@ -532,3 +533,59 @@ def test_rank0_first_runs_local_rank_0_of_every_node_first(tmp_path, local_ranks
     mp.spawn(rank0_first_run, args=(port, local_ranks, str(tmp_path)), nprocs=2)
     (s0, e0), (s1, e1) = [map(float, (tmp_path / f'{r}.txt').read_text().split()) for r in range(2)]
     assert (s1 < e0) == overlap
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics: metrics.jsonl, loss.png, wandb
+
+def test_metrics_jsonl_resume_drops_later_records_and_plot_follows_the_loss(tmp_path):
+    m = training.Metrics(str(tmp_path), {})
+    for step in range(1, 7):
+        m.log(step, loss=torch.tensor(1.0 / step), lr=1e-4, epoch=0)
+    m.log(6, FID=12.5)
+    with open(tmp_path / 'metrics.jsonl', 'a') as f:
+        f.write('{"step": 7, "loss"')  # a line cut short by a crash
+    m = training.Metrics(str(tmp_path), {}, step=4)  # resumed from the checkpoint of step 4
+    lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+    assert [json.loads(x)['step'] for x in lines] == [1, 2, 3, 4]
+    assert json.loads(lines[1]) == {'step': 2, 'loss': 0.5, 'lr': 1e-4, 'epoch': 0}
+    m.log(5, loss=0.2, lr=1e-4)
+    m.plot()
+    im = np.array(Image.open(tmp_path / 'loss.png'))
+    red = (im[..., 0] > 150) & (im[..., 1] < 80) & (im[..., 2] < 80)
+    rows, cols = np.nonzero(red[25:-40, 40:-40])  # inside the axes box, below the legend
+    assert rows[cols.argmin()] < rows[cols.argmax()]  # a falling loss: high at the first step, low at the last
+
+
+def test_metrics_off_rank_0_write_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv('RANK', '1')
+    m = training.Metrics(str(tmp_path / 'run'), {})
+    m.log(1, loss=1.0)
+    m.plot()
+    assert not (tmp_path / 'run').exists()
+
+
+def test_wandb_is_imported_only_when_asked_and_a_restart_resumes_the_run(tmp_path, monkeypatch):
+    import sys
+    import types
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(('log', step, values))
+
+    fake = types.ModuleType('wandb')
+    fake.init = lambda **kw: calls.append(('init', kw)) or Run()
+    fake.Image = lambda path: ('image', path)
+    monkeypatch.setitem(sys.modules, 'wandb', fake)
+    training.Metrics(str(tmp_path / 'plain'), {}).log(1, loss=1.0)
+    assert calls == []  # wandb_log=False: never touched
+    config = {'lr': 1e-4}
+    m = training.Metrics(str(tmp_path), config, wandb_log=True, wandb_project='p', wandb_run_name='r')
+    m.log(3, loss=0.5)
+    m.image('samples', 'grid.png', 3)
+    training.Metrics(str(tmp_path), config, step=3, wandb_log=True, wandb_project='p', wandb_run_name='r')
+    inits = [c[1] for c in calls if c[0] == 'init']
+    assert len(inits) == 2 and inits[0]['id'] == inits[1]['id'] and inits[0]['resume'] == 'allow'
+    assert inits[0]['project'] == 'p' and inits[0]['name'] == 'r' and inits[0]['config'] == config
+    assert ('log', 3, {'step': 3, 'loss': 0.5}) in calls and ('log', 3, {'samples': ('image', 'grid.png')}) in calls

@@ -117,12 +117,14 @@ def random_crop_arr(pil_image, image_size, rng):
 
 class ImageFolder(torch.utils.data.Dataset):
     """ImageNet-style folder -> (float [3,S,S] in [0,1], label); flips and crops are drawn from (seed, epoch, index).
-    crop: 'center' (ADM's) or 'random' (stage 1)."""
+    crop: 'center' (ADM's) or 'random' (stage 1). A folder of images without class sub-folders is one class, 0."""
 
     def __init__(self, root, image_size, crop='center', flip=False, seed=0):
         if not os.path.isdir(root):
             raise SystemExit(f'{root}: no such image folder (expected {root}/<class>/<image>)')
         classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        if not classes:  # unlabeled images: an unconditional model (num_classes=1)
+            classes = ['.']
         files, labels = [], []
         for label, c in enumerate(classes):
             for dirpath, _, names in sorted(os.walk(os.path.join(root, c), followlinks=True)):
@@ -130,7 +132,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 files += [os.path.join(dirpath, n) for n in found]
                 labels += [label] * len(found)
         if not files:
-            raise SystemExit(f'{root}: no images ({", ".join(IMAGE_EXTS)}) in class sub-folders {root}/<class>/')
+            raise SystemExit(f'{root}: no images ({", ".join(IMAGE_EXTS)}) in {root}/<class>/ or {root}/')
         empty = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if n == 0]
         if empty:  # their labels keep the sorted order, so that released class ids stay valid
             print0(f'warning: {len(empty)} empty class folders in {root} (labels without images): '

@@ -194,11 +194,19 @@ def test_empty_class_folders_warn_and_keep_their_labels(tmp_path, capsys):
 def test_missing_or_empty_folder(tmp_path):
     with pytest.raises(SystemExit, match='no such image folder'):
         ImageFolder(str(tmp_path / 'nope'), 16)
-    (tmp_path / 'flat').mkdir()
-    Image.new('RGB', (8, 8)).save(tmp_path / 'flat' / 'x.png')  # images without class folders
-    with pytest.raises(SystemExit, match=r'no images .* in class sub-folders') as e:
-        ImageFolder(str(tmp_path / 'flat'), 16)
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(SystemExit, match=r'no images .* in .*/<class>/ or') as e:
+        ImageFolder(str(tmp_path / 'empty'), 16)
     assert '\n' not in str(e.value)
+
+
+def test_a_folder_without_class_folders_is_one_class(tmp_path):
+    (tmp_path / 'flat').mkdir()
+    for i, v in enumerate((10, 200)):  # unlabeled images: an unconditional model
+        Image.new('RGB', (8, 8), (v, v, v)).save(tmp_path / 'flat' / f'{i}.png')
+    ds = ImageFolder(str(tmp_path / 'flat'), 8)
+    assert ds.classes == ['.'] and ds.labels.tolist() == [0, 0]
+    assert [round(ds[i][0].mean().item() * 255) for i in range(2)] == [10, 200] and ds[1][1] == 0
 
 
 def test_sampler_resumes_mid_epoch(tmp_path):

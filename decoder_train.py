@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 import fid
 import rae
 from files import center_crop_arr, download, load_state_dict_file, open_rgb, save_grid, to_uint8
-from runtime import barrier, cleanup_ddp, one_line_errors, print0, rank0_first, set_tf32, setup_ddp
+from runtime import barrier, choose_precision, cleanup_ddp, one_line_errors, print0, rank0_first, set_tf32, setup_ddp
 from training import (ImageFolder, check_config, configure, latest_checkpoint, lr_warmup_cosine, make_ema,
                       make_loader, resume, save_checkpoint, start_log, unreadable, unwrap, update_ema,
                       write_toy_encoder)
@@ -85,8 +85,9 @@ weight_decay = 0.0
 ema_decay = 0.9978                  # per step, no warm-up
 # system
 device = None                       # None: CUDA when available; 'cpu'
-precision = 'bf16'                  # 'bf16' autocast or 'fp32' (TF32 matmuls on a GPU either way)
+precision = 'auto'                  # bf16 autocast where the hardware has bf16 units, else fp32; 'bf16'/'fp32' force
 compile = True                      # torch.compile the RAE, LPIPS and the discriminator's backbone, after the EMA copy
+grad_checkpoint = False             # recompute each decoder block in backward: less memory, one more forward
 global_seed = 0                     # model init; rank r draws from global_seed * world + r
 workers = 8                         # data loader processes per rank
 log_every = 100                     # steps between log lines (means over ranks and steps)
@@ -263,8 +264,7 @@ class Discriminator(nn.Module):
         dino = dino.eval().requires_grad_(False)
         with torch.no_grad():  # key biases zeroed, as in training; softmax ignores them (q.b_k: one constant a row)
             for block in dino.blocks:
-                width = block.attn.qkv.bias.shape[0] // 3
-                block.attn.qkv.bias[width:2 * width] = 0
+                block.attn.qkv.bias.view(3, -1)[1] = 0  # the fused bias is [q; k; v]
         self._dino = [dino]  # in a list, not a submodule: no backbone in parameters(), state_dict() or DDP
         self.key_depths = tuple(key_depths)
         width = dino.patch_embed.out_channels
@@ -448,9 +448,8 @@ def evaluate(model, folder, image_size, n=0, reference=None, inception=None, bat
                 total.add_(torch.stack([psnr(y.permute(0, 3, 1, 2).float() / 255, x).sum(),
                                         torch.tensor(len(x), device=dev)]))
             if world > 1:  # ranks skip different unreadable files: gather the sizes, then the padded batches
-                sizes = [torch.zeros((), dtype=torch.long, device=dev) for _ in range(world)]
-                dist.all_gather(sizes, torch.tensor(len(y), device=dev))
-                sizes = [int(k) for k in sizes]
+                sizes = [0] * world
+                dist.all_gather_object(sizes, len(y))
                 if not any(sizes):
                     return
                 parts = [y.new_empty((batch_size, *y.shape[1:])) for _ in range(world)]
@@ -509,7 +508,7 @@ def main(argv):
     globals().update(config)  # main reads the config by name; the functions above get theirs as arguments
     sizes = (decoder_size,) if decoder_arch else tuple(rae.DECODERS)  # decoder_arch replaces the preset
     check_config(config, choices=dict(mode=('train', 'eval', 'reconstruct'), decoder_size=sizes,
-                                      precision=('bf16', 'fp32')),
+                                      precision=('auto', 'bf16', 'fp32')),
                  types=dict(val_path=str, rfid_reference=str, image=str, decoder=str, encoder_weights=str,
                             disc_weights=str, device=str, encoder_overrides=dict, decoder_arch=dict,
                             disc_overrides=dict, lpips_weights=(tuple, list)),
@@ -532,7 +531,8 @@ def main(argv):
         except (OSError, ValueError) as e:
             raise SystemExit(f'--image={image}: not a readable image ({e})') from None
     set_tf32(True)
-    ctx = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
+    amp_dtype, why = choose_precision(precision, dev)
+    ctx = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     if toy and is_master:
         write_toy(config)
     barrier()  # the other ranks wait for the toy files
@@ -574,6 +574,7 @@ def main(argv):
         return cleanup_ddp()
     enc.check_inputs = False  # the loader gives [0, 1] by construction; the range check would sync every step
     dec = rae.Decoder(**rae.decoder_arch(config))  # the architecture its checkpoints' config rebuilds
+    dec.grad_checkpoint = grad_checkpoint  # read by rae.run_block in training forwards only
     autoencoder = rae.RAE(enc, dec, noise_tau=noise_tau).to(dev)  # raw tokens: latent statistics are for stage 2
     ema = make_ema(dec)  # before compiling (README: differences)
     opt = torch.optim.AdamW(dec.parameters(), lr, betas, weight_decay=weight_decay, fused=dev.type == 'cuda')
@@ -583,16 +584,16 @@ def main(argv):
         autoencoder, lpips = torch.compile(autoencoder), torch.compile(lpips)
         for block in disc.dino.blocks:  # the frozen backbone only: compiled heads would keep a power-iteration
             block.compile()  # buffer for backward that the D step's second forward overwrites in place
-    ddp_disc = disc
-    if world_size > 1:  # buffers are not broadcast: the RAE's are constants, and the heads' power iterations stay
-        # equal on all ranks because their weights do (same seed, averaged gradients)
-        autoencoder, ddp_disc = (DDP(m, broadcast_buffers=False) for m in (autoencoder, disc))
+    # DDP on several ranks, buffers not broadcast: the RAE's are constants, and the heads' power iterations stay
+    # equal on all ranks because their weights do (same seed, averaged gradients)
+    autoencoder, ddp_disc = (DDP(m, broadcast_buffers=False) if world_size > 1 else m for m in (autoencoder, disc))
 
     data = ImageFolder(data_path, image_size, 'random', flip=False, seed=global_seed)
     loader, sampler = make_loader(data, global_batch // world_size, rank, world_size, global_seed, workers)
     steps_per_epoch, last = len(loader), epochs * len(loader)
     torch.manual_seed(global_seed * world_size + rank)  # latent noise and DiffAug: one stream per rank
     log = start_log(out_dir, config, dev)
+    log(f'precision: {why}')
     log(f'decoder {sum(p.numel() for p in dec.parameters()) / 1e6:.1f}M parameters on {encoder} tokens; '
         f'{len(data)} images: {steps_per_epoch} steps/epoch of {global_batch // world_size} x {world_size} ranks')
     ckpt_dir = os.path.join(out_dir, 'checkpoints')
@@ -622,10 +623,9 @@ def main(argv):
                 stats[k].append(v)
             if step % log_every == 0:  # means over the steps since the last line and over the ranks
                 n, keys = len(stats['loss']), sorted(stats)
-                means = torch.stack([torch.stack(stats[k]).float().mean() for k in keys])
+                means = torch.stack([torch.stack(stats[k]).float().mean() for k in keys]) / world_size
                 if world_size > 1:
-                    dist.all_reduce(means)
-                    means /= world_size
+                    dist.all_reduce(means)  # the sum of the ranks' shares
                 seconds, skipped = time.perf_counter() - t0, unreadable(data, dev)
                 losses = ' '.join(f'{k} {v:.9g}' for k, v in zip(keys, means.tolist()))  # 9 digits: fp32 exactly
                 log(f'step {step}/{last} | epoch {epoch} | {losses} | lr {lr_now:.3e} | {n / seconds:.2f} steps/s | '

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from files import save_grid, to_uint8
 from rae import RAE, Decoder, build_dit, decoder_arch, flow_loss, guided_velocity, sample_ode, shift_alpha, step_draws
-from runtime import barrier, cleanup_ddp, one_line_errors, print0, rank0_first, set_tf32, setup_ddp
+from runtime import barrier, choose_precision, cleanup_ddp, one_line_errors, print0, rank0_first, set_tf32, setup_ddp
 from training import (ImageFolder, check_config, configure, lr_linear_decay, make_ema, make_loader, resume,
                       save_checkpoint, start_log, unreadable, update_ema, write_toy_encoder)
 
@@ -79,8 +79,11 @@ ema_decay = 0.9995
 # system
 device = None                       # None: CUDA when available; 'cpu'
 ddp_timeout = 10                    # minutes a rank waits for the others before the job ends naming the rank
-precision = 'bf16'                  # 'bf16' autocast or 'fp32' (TF32 matmuls on a GPU either way)
+precision = 'auto'                  # bf16 autocast where the hardware has bf16 units, else fp32 (runtime.py); or
+                                    # 'bf16' / 'fp32' (TF32 matmuls on a GPU either way)
 compile = True                      # torch.compile the training forward (the EMA copy stays eager)
+grad_checkpoint = False             # recompute each transformer block's activations in backward: less memory,
+                                    # one more forward per step
 global_seed = 0
 workers = 8                         # data loader processes per rank
 # logging, previews, evaluation, checkpoints (in optimizer steps; 0 = never)
@@ -243,7 +246,7 @@ def online_fid(ema, rae, n, reference, latent_shape, alpha, num_steps, ctx, seed
 def main(argv):
     config = configure(_DEFAULTS, argv)
     globals().update(config)
-    check_config(config, choices=dict(mode=('train', 'stats', 'cache'), precision=('bf16', 'fp32'),
+    check_config(config, choices=dict(mode=('train', 'stats', 'cache'), precision=('auto', 'bf16', 'fp32'),
                                       cache_dtype=('float16', 'float32'), time_dist=('logit-normal', 'uniform')),
                  types=dict(max_steps=int, shift=(int, float), latent_cache=str, encoder_weights=str, decoder=str,
                             encoder_overrides=dict, stats=(str, bool), device=str, hidden_size=(int, tuple, list),
@@ -267,8 +270,10 @@ def main(argv):
     if mode == 'cache' and not latent_cache:
         raise SystemExit('--mode=cache writes to latent_cache: give --latent_cache=FOLDER')
     set_tf32(True)  # fp32 matmuls outside autocast (and precision='fp32') run as TF32 on a GPU
-    ctx = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
+    amp_dtype, why = choose_precision(precision, dev)
+    ctx = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     log = start_log(out_dir, config, dev)
+    log(f'precision: {why}')
     if toy and is_master and not all(os.path.exists(p) for p in (data_path, encoder_weights, decoder)):
         make_toy(data_path, encoder_weights, decoder, image_size, encoder, encoder_overrides, num_classes)
     barrier()  # the other ranks wait for the toy files
@@ -323,6 +328,7 @@ def main(argv):
                         num_classes=num_classes, class_dropout_prob=0.0).to(dev)
     except ValueError as e:
         raise SystemExit(f'model={model!r}: {e}') from None
+    dit.grad_checkpoint = grad_checkpoint  # read by rae.run_block in training forwards only
     ema = make_ema(dit)  # a plain eager copy: made before any compile/DDP wrapper exists (see training.make_ema)
     torch.manual_seed(global_seed * world_size + rank)
     opt = torch.optim.AdamW([p for p in dit.parameters() if p.requires_grad], lr=lr, betas=betas,

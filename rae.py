@@ -66,6 +66,15 @@ class Block(nn.Module):
         return x + (m if self.ls2 is None else m * self.ls2)
 
 
+def run_block(model, block, *args):
+    """block(*args); while `model` trains with model.grad_checkpoint set (the training scripts' key), through
+    torch.utils.checkpoint: the block's activations are recomputed in backward instead of kept, less memory for one
+    more block forward. Non-reentrant, the variant that works under torch.compile and DDP."""
+    if model.training and model.grad_checkpoint:
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # The published encoders. pos_grid is the side of the stored position-embedding grid; input_size the side images
@@ -208,6 +217,7 @@ DECODERS = {'B': dict(width=768, depth=12, heads=12, mlp_hidden=3072),
 
 class Decoder(nn.Module):
     """MAE-style ViT decoder: tokens [B, N, C] -> encoder-normalised pixels [B, 3, grid*p_d, grid*p_d]."""
+    grad_checkpoint = False  # True: each block recomputed in backward (run_block)
 
     def __init__(self, token_dim=768, width=1152, depth=28, heads=16, mlp_hidden=4096, grid=16, patch=16):
         super().__init__()
@@ -230,7 +240,7 @@ class Decoder(nn.Module):
             x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed
         for block in self.blocks:
-            x = block(x)
+            x = run_block(self, block, x)
         return unpatchify(self.pred(self.norm(x))[:, 1:], self.patch, 3)  # CLS dropped
 
     @classmethod
@@ -495,6 +505,7 @@ def init_dit(model, embedders):
 
 class LightningDiT(nn.Module):
     """The paper's DiT (LightningDiT): c = t_emb + y_emb modulates every block; the baseline of §4."""
+    grad_checkpoint = False  # True: each block recomputed in backward (run_block)
 
     def __init__(self, input_size=16, patch_size=1, in_channels=768, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000):
@@ -519,12 +530,13 @@ class LightningDiT(nn.Module):
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         c = (self.t_embedder(t) + self.y_embedder(y))[:, None]  # (B, 1, D); no SiLU here (each block has one)
         for block in self.blocks:
-            x = block(x, c, self.feat_rope)
+            x = run_block(self, block, x, c, self.feat_rope)
         return unpatchify(self.final_layer(x, c), self.patch_size, self.in_channels)
 
 
 class DiTDH(nn.Module):
     """DiT^DH (§5): a DiT backbone M turns (x_t, t, y) into per-token conditions s; a wide, shallow head H gives v."""
+    grad_checkpoint = False  # True: each block recomputed in backward (run_block)
 
     def __init__(self, input_size=16, patch_size=1, in_channels=768, hidden_size=(1152, 2048), depth=(28, 2),
                  num_heads=(16, 16), mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000):
@@ -552,11 +564,11 @@ class DiTDH(nn.Module):
         c = F.silu(t + self.y_embedder(y))[:, None]  # (B, 1, H1); the blocks apply SiLU again (as released)
         s = self.s_embedder(x) + self.pos_embed  # (B, N, H1)
         for block in self.blocks[:self.depth[0]]:
-            s = block(s, c, self.enc_feat_rope)
+            s = run_block(self, block, s, c, self.enc_feat_rope)
         s = self.s_projector(F.silu(s + t[:, None]))  # (B, N, H2): per-token condition; y enters only via s
         x = self.x_embedder(x)  # (B, N, H2)
         for block in self.blocks[self.depth[0]:]:
-            x = block(x, s, self.dec_feat_rope)
+            x = run_block(self, block, x, s, self.dec_feat_rope)
         return unpatchify(self.final_layer(x, s), self.patch_size, self.in_channels)
 
 

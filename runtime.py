@@ -1,10 +1,11 @@
 """
 How every script runs: one process per GPU under torchrun (gloo on CPU), rank 0 first where files are fetched,
-errors in one line, TF32 on or off.
+errors in one line, TF32 on or off, bf16 autocast where the hardware computes bf16.
 """
 import contextlib
 import datetime
 import os
+import platform
 
 import torch
 import torch.distributed as dist
@@ -78,3 +79,32 @@ def set_tf32(enabled):
     for f, v in zip(flags, enabled if isinstance(enabled, list) else [value] * len(flags)):
         setattr(f, name, v)
     return old
+
+
+def cpu_bf16_units():
+    """The bf16 matmul units of this CPU as torch detects them ('AMX', 'AVX512-BF16', or on Arm 'BF16', as oneDNN
+    reports it), or None: bf16 is then emulated, which on some CPUs is many times slower than fp32."""
+    for probe, name in [('_is_amx_tile_supported', 'AMX'), ('_is_avx512_bf16_supported', 'AVX512-BF16')]:
+        if getattr(torch.cpu, probe, lambda: False)():  # private cpuinfo probes: an older torch may lack one
+            return name
+    if platform.machine().lower() in ('aarch64', 'arm64') and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return 'BF16'
+    return None
+
+
+def choose_precision(precision, device):
+    """-> (torch.bfloat16 for bf16 autocast or None for fp32, why: one line for the log). 'bf16' and 'fp32' force;
+    'auto' takes bf16 where the hardware computes it natively: CUDA GPUs of compute capability >= 8.0 (Ampere on;
+    ROCm GPUs all), CPUs with bf16 units (cpu_bf16_units); fp32 elsewhere, where bf16 would be emulated."""
+    if precision != 'auto':
+        native, why = precision == 'bf16', f'precision={precision!r}'
+    elif torch.device(device).type == 'cuda':
+        major, minor = torch.cuda.get_device_capability(device)
+        native = torch.version.hip is not None or major >= 8
+        why = (f"precision='auto': {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has "
+               f"{'' if native else 'no '}bf16 tensor cores")
+    else:
+        native = cpu_bf16_units()
+        units = f'bf16 units ({native})' if native else 'no bf16 units (AVX512-BF16 or AMX): bf16 would be emulated'
+        why = f"precision='auto': this CPU has {units}"
+    return (torch.bfloat16, f'bf16 autocast ({why})') if native else (None, f'fp32 ({why})')

@@ -88,6 +88,8 @@ def step_flops(dit, latent_shape=LATENT_SHAPE, encoder=None, image_size=256, for
             finally:
                 encoder.check_inputs = check
         state = meta_like(dit)
+        # model FLOPs: checkpointing's recomputation is not counted (and it would rerun blocks on the real weights)
+        recompute, dit.grad_checkpoint = dit.grad_checkpoint, False
         x = torch.zeros(batch, *latent_shape, device='meta')
         y, t = torch.zeros(batch, dtype=torch.long, device='meta'), torch.zeros(batch, device='meta')
         if forward_only:
@@ -95,6 +97,7 @@ def step_flops(dit, latent_shape=LATENT_SHAPE, encoder=None, image_size=256, for
         else:
             flow_loss(lambda *a: functional_call(dit, state, a), x, y, 1.0, eps=torch.zeros_like(x), t=t).sum() \
                 .backward()
+        dit.grad_checkpoint = recompute
     return counter.get_total_flops() / batch
 
 

@@ -35,6 +35,6 @@ lr_decay_end = 4
 ema_decay = 0.9                     # averages the last ~10 of 32 steps (the recipe: 0.9978 over 40k steps)
 log_every = 4
 device = 'cpu'
-precision = 'fp32'
+precision = 'auto'                  # bf16 where the CPU has bf16 units (AVX512-BF16, AMX), else fp32
 compile = False
 workers = 0

@@ -30,7 +30,7 @@ lr_decay_end = 30
 ema_decay = 0.99                 # averages the last ~100 steps
 
 device = 'cpu'
-precision = 'fp32'               # CPUs without bf16 units emulate it slowly
+precision = 'auto'               # bf16 where the CPU has bf16 units (AVX512-BF16, AMX), else fp32
 compile = False                  # compiling takes longer than this whole run
 workers = 0
 log_every = 25

@@ -22,6 +22,7 @@ import decoder_train as dt
 import fid
 import rae
 from files import center_crop_arr
+from test_dit import grads_and_saved
 from training import make_ema, update_ema
 
 NARROW = (8, 16, 32, 32, 32)  # the golden LPIPS' VGG widths {64: 8, 128: 16, 256: 32, 512: 32}
@@ -393,9 +394,11 @@ def run(*args, out_dir):
 
 
 def toy_args(d, **changes):
-    """The tiny config's weight files and images under d (written by write_toy if missing)."""
+    """The tiny config's weight files and images under d (written by write_toy if missing); fp32, whatever 'auto'
+    would choose on this CPU (the numbers the tests compare)."""
     args = {'data_path': f'{d}/images', 'encoder_weights': f'{d}/dinov2.pt', 'disc_weights': f'{d}/dino_s8.pt',
-            'lpips_weights': (f'{d}/vgg16.pt', f'{d}/lpips.pt'), 'toy': False, 'val_path': None, **changes}
+            'lpips_weights': (f'{d}/vgg16.pt', f'{d}/lpips.pt'), 'toy': False, 'val_path': None, 'precision': 'fp32',
+            **changes}
     return [f'--{k}={v!r}' if not isinstance(v, str) else f'--{k}={v}' for k, v in args.items()]
 
 
@@ -475,6 +478,13 @@ def test_gan_phases_switch_on_at_their_epochs(runs):
     assert 'unreadable images skipped' in text  # the corrupt file in the folder: replaced and counted
 
 
+def test_log_says_the_precision_after_its_header(runs):
+    d, _ = runs
+    lines = log_lines(d / 'a')[1].splitlines()
+    assert next(line for line in lines if not line.startswith('#') and ' = ' not in line) == \
+        "precision: fp32 (precision='fp32')"  # toy_args force it; 'auto' would ask the CPU (runtime.choose_precision)
+
+
 def test_discriminator_step_updates_only_the_heads(one_thread):
     torch.manual_seed(0)
     enc = rae.Encoder(**dict(rae.ENCODERS['dinov2-b'], **TINY_ENCODER, input_size=56))
@@ -504,6 +514,20 @@ def test_discriminator_step_updates_only_the_heads(one_thread):
     # every head tensor moved (weights, biases, norms, power-iteration vectors) but the u of the 1-logit output
     # convolutions, a unit vector of length 1
     assert changed == [k for k, v in heads.items() if not (k.endswith('weight_u') and v.shape == (1,))]
+
+
+def test_decoder_grad_checkpoint_gives_the_same_gradients(one_thread):
+    """decoder.grad_checkpoint (decoder_train.py's key): each block recomputed in backward, the same gradients to
+    1e-6 absolute (fp32 on a CPU: bitwise), from a fraction of the saved tensors (tests/test_dit.py for the DiTs)."""
+    torch.manual_seed(0)
+    dec = rae.Decoder(32, 64, 2, 1, 128, grid=4, patch=8).train()
+    tokens = (torch.randn(2, 16, 32),)
+    plain, saved_plain = grads_and_saved(dec, tokens, False)
+    ckpt, saved_ckpt = grads_and_saved(dec, tokens, True)
+    assert ckpt.keys() == plain.keys() and len(plain) == len(list(dec.parameters()))
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=0, atol=1e-6, msg=k)
+    assert saved_ckpt < saved_plain / 2
 
 
 def test_training_step_makes_no_host_sync(one_thread, monkeypatch):

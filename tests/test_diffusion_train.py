@@ -19,6 +19,7 @@ from PIL import Image
 
 import diffusion_train as dt
 import rae
+import runtime
 import sample
 from training import ImageFolder, configure
 
@@ -44,9 +45,10 @@ def toy(tmp_path_factory):
 
 
 def args(toy, out, **kw):
-    """configs/tiny.py on the toy set: 32 images, batch 16 -> 2 steps an epoch."""
+    """configs/tiny.py on the toy set: 32 images, batch 16 -> 2 steps an epoch; fp32, whatever 'auto' would choose
+    on this CPU (the numbers the tests compare)."""
     kw = {**toy, **dict(out_dir=str(out), toy=False, num_classes=4, sample_classes=(0, 1, 2, 3), log_every=1,
-                        sample_every=0, ckpt_every=1000), **kw}
+                        sample_every=0, ckpt_every=1000, precision='fp32'), **kw}
     return [TINY] + [f'--{k}={v!r}' for k, v in kw.items()]
 
 
@@ -118,6 +120,40 @@ def test_config_errors_and_types(toy, tmp_path):
     assert c['max_steps'] == 7 and c['hidden_size'] is None and c['depth'] == (2, 1)  # None defaults take values
     defaults = configure(dt._DEFAULTS, [])
     assert defaults['model'] == 'DiTDH-XL' and not set(defaults) & set(vars(rae))  # true defaults, no imports
+
+
+def test_precision_auto_asks_the_hardware_and_the_log_says_why(toy, tmp_path, monkeypatch):
+    """'auto': bf16 autocast on CPUs with bf16 units (AMX, AVX512-BF16) and CUDA GPUs of compute capability >= 8,
+    fp32 elsewhere; 'bf16' and 'fp32' force. The line after the log's header says what was chosen and why."""
+    monkeypatch.setattr(runtime.platform, 'machine', lambda: 'x86_64')
+    for probe in ('_is_amx_tile_supported', '_is_avx512_bf16_supported'):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False)
+    assert runtime.choose_precision('auto', 'cpu') == (
+        None, "fp32 (precision='auto': this CPU has no bf16 units (AVX512-BF16 or AMX): bf16 would be emulated)")
+    assert runtime.choose_precision('bf16', 'cpu') == (torch.bfloat16, "bf16 autocast (precision='bf16')")
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: True)
+    assert runtime.choose_precision('auto', 'cpu') == (
+        torch.bfloat16, "bf16 autocast (precision='auto': this CPU has bf16 units (AVX512-BF16))")
+    assert runtime.choose_precision('fp32', 'cpu') == (None, "fp32 (precision='fp32')")
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device: 'GPU')  # the GPU rule, without a GPU
+    for capability, dtype in [((7, 0), None), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]:
+        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device, c=capability: c)
+        assert runtime.choose_precision('auto', 'cuda')[0] is dtype, capability
+    assert runtime.choose_precision('auto', 'cuda')[1] == \
+        "bf16 autocast (precision='auto': GPU (compute capability 9.0) has bf16 tensor cores)"
+    run(args(toy, tmp_path, max_steps=1, precision='auto'))
+    lines = (tmp_path / 'log.txt').read_text().splitlines()
+    first = next(line for line in lines if not line.startswith('#') and ' = ' not in line)  # after the header
+    assert first == "precision: bf16 autocast (precision='auto': this CPU has bf16 units (AVX512-BF16))"
+
+
+def test_grad_checkpoint_changes_no_number(toy, tmp_path):
+    """grad_checkpoint=True recomputes every block in backward: the same losses and weights, bit for bit on a CPU."""
+    run(args(toy, tmp_path / 'plain', max_steps=2))
+    run(args(toy, tmp_path / 'ckpt', max_steps=2, grad_checkpoint=True))
+    assert losses(tmp_path / 'ckpt') == losses(tmp_path / 'plain')
+    a, b = final_state(tmp_path / 'plain'), final_state(tmp_path / 'ckpt')
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -327,7 +363,7 @@ def test_tiny_run_learns_and_its_checkpoint_samples(toy, tmp_path):
     # sample.py --ckpt: the decoder, statistics (none) and shift come from the checkpoint's config; sample i has
     # the noise of generator seed i (--seed 0), the grid pads each 32 px image with 2 px
     sample.main(['--ckpt', str(out / 'checkpoints' / '0000150.pt'), '--class', '0', '1', '2', '3', '--n', '1',
-                 '--steps', '25', '--out', str(tmp_path / 'grid.png'), '--device', 'cpu'])
+                 '--steps', '25', '--out', str(tmp_path / 'grid.png'), '--device', 'cpu', '--precision', 'fp32'])
     noise = torch.stack([torch.randn(32, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)])
     with torch.no_grad():
         z = rae.sample_ode(lambda x, t: ema(x, t, y), noise, num_steps=25, alpha=alpha)

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 import sample  # noqa: E402
 
 C, GRID, PATCH, WIDTH = 16, 4, 4, 32  # tiny latent [16, 4, 4]; decoder width 32, patch 4 -> 16x16 images
+FP32 = ('--precision', 'fp32')  # the references below run in fp32, whatever --precision auto would choose here
 
 
 def tiny_released_decoder(seed):
@@ -127,7 +128,7 @@ def assert_images_match(got, expected):
 def test_png_grid_end_to_end(env, hub, tmp_path):
     out = tmp_path / 'grid.png'
     cmd = [sys.executable, str(ROOT / 'sample.py'), '--class', '3', '5', '--n', '2', '--steps', '4', '--device', 'cpu',
-           '--autoguidance', '1.5', '--out', str(out)]
+           '--autoguidance', '1.5', '--out', str(out), *FP32]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     grid = np.array(Image.open(out))
@@ -145,7 +146,7 @@ def test_png_grid_end_to_end(env, hub, tmp_path):
 def test_npz_end_to_end(env, hub, tmp_path):
     out = tmp_path / 'fid.npz'
     cmd = [sys.executable, str(ROOT / 'sample.py'), '--num-samples', '30', '--batch-size', '8', '--steps', '4',
-           '--cfg', '1.5', '--cfg-interval', '0', '0.7', '--device', 'cpu', '--seed', '3', '--out', str(out)]
+           '--cfg', '1.5', '--cfg-interval', '0', '0.7', '--device', 'cpu', '--seed', '3', '--out', str(out), *FP32]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     npz = np.load(out)
@@ -162,7 +163,7 @@ def test_npz_end_to_end(env, hub, tmp_path):
 
 
 def test_npz_resumes_after_an_interruption(env, tmp_path, monkeypatch):
-    args = ['--num-samples', '20', '--batch-size', '6', '--steps', '3', '--device', 'cpu']
+    args = ['--num-samples', '20', '--batch-size', '6', '--steps', '3', '--device', 'cpu', *FP32]
     sample.main(args + ['--out', str(tmp_path / 'clean.npz')])
     calls, real = [], sample.sample_batch
 
@@ -189,11 +190,34 @@ def test_npz_resumes_after_an_interruption(env, tmp_path, monkeypatch):
 
 def test_unconditional_heun_with_autoguidance(env, hub, tmp_path):
     sample.main(['--unconditional', '--n', '3', '--steps', '3', '--sampler', 'heun', '--autoguidance', '1.3',
-                 '--device', 'cpu', '--seed', '5', '--out', str(tmp_path / 'u.png')])
+                 '--device', 'cpu', '--seed', '5', '--out', str(tmp_path / 'u.png'), *FP32])
     grid = np.array(Image.open(tmp_path / 'u.png'))
     assert grid.shape == (20, 2 + 3 * 18, 3)
     cells = np.stack([grid[2:18, 2 + c * 18:18 + c * 18] for c in range(3)])
     assert_images_match(cells, reference_images(hub.local, range(3), [10] * 3, 3, seed=5, ag=1.3, method='heun'))
+
+
+def test_compiled_sampling_agrees_with_eager(env, hub):
+    """--compile: the DiT and the guide become compiled modules (inductor, static shapes); the ODE solution through
+    the compiled DiT (CFG: one graph, on the doubled batch) agrees with the eager module's to 1e-5 absolute (fp32;
+    the latents are unit-scale, and inductor fuses and reorders float sums), and sample_batch through it gives the
+    reference images to one 8-bit level."""
+    compiled = torch._dynamo.eval_frame.OptimizedModule
+    a = sample.parse_args(['--class', '3', '--autoguidance', '1.5', '--compile', *FP32])
+    _, model, guide, _, _ = sample.load_models(a, torch.device('cpu'))  # compiled at the first call, not here
+    assert isinstance(model, compiled) and isinstance(guide, compiled)
+    a = sample.parse_args(['--class', '3', '5', '--n', '2', '--steps', '4', '--cfg', '1.5', '--compile', *FP32])
+    models = sample.load_models(a, torch.device('cpu'))
+    _, model, _, alpha, _ = models
+    y = torch.tensor([3, 3, 5, 5])
+    z = torch.randn(4, C, GRID, GRID, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = rae.sample_ode(rae.guided_velocity(model, y, cfg_scale=1.5), z, 4, alpha)
+        eager = rae.sample_ode(rae.guided_velocity(model._orig_mod, y, cfg_scale=1.5), z, 4, alpha)
+    torch.testing.assert_close(ours, eager, rtol=0, atol=1e-5)
+    assert_images_match(sample.sample_batch(a, models, range(4), y),
+                        reference_images(hub.local, range(4), [3, 3, 5, 5], 4, cfg=1.5))
+    torch._dynamo.reset()
 
 
 def test_512_uses_the_512_files(env, hub, tmp_path):
@@ -253,7 +277,7 @@ def test_error_from_the_command_line_is_one_line_on_stderr(env, tmp_path):
 
 
 def test_torchrun_ranks_share_the_work_and_give_the_single_process_result(env, tmp_path):
-    args = ['--num-samples', '20', '--batch-size', '6', '--steps', '3', '--device', 'cpu']
+    args = ['--num-samples', '20', '--batch-size', '6', '--steps', '3', '--device', 'cpu', *FP32]
     sample.main(args + ['--out', str(tmp_path / 'one.npz')])
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(ROOT / 'sample.py'),
            *args, '--out', str(tmp_path / 'two.npz')]

@@ -34,7 +34,7 @@ import fid
 import rae
 from files import center_crop_arr, download, load_state_dict_file, open_rgb, save_grid, to_uint8
 from runtime import barrier, choose_precision, cleanup_ddp, one_line_errors, print0, rank0_first, set_tf32, setup_ddp
-from training import (ImageFolder, check_config, configure, latest_checkpoint, lr_warmup_cosine, make_ema,
+from training import (ImageFolder, Metrics, check_config, configure, latest_checkpoint, lr_warmup_cosine, make_ema,
                       make_loader, resume, save_checkpoint, start_log, unreadable, unwrap, update_ema,
                       write_toy_encoder)
 
@@ -94,6 +94,9 @@ log_every = 100                     # steps between log lines (means over ranks 
 ckpt_every = 0                      # steps between checkpoints, besides the one closing every epoch (0: those only)
 ckpt_keep = 3                       # checkpoints kept (the newest)
 ddp_timeout = 10                    # minutes a rank waits for the others before the job ends naming the rank
+wandb_log = False                   # also send the metrics to Weights & Biases (needs wandb)
+wandb_project = 'nano-rae'
+wandb_run_name = None               # None: wandb names the run
 _DEFAULTS = {k: v for k, v in globals().items() if k not in _imported}
 
 # -----------------------------------------------------------------------------------------------------------
@@ -511,7 +514,7 @@ def main(argv):
                                       precision=('auto', 'bf16', 'fp32')),
                  types=dict(val_path=str, rfid_reference=str, image=str, decoder=str, encoder_weights=str,
                             disc_weights=str, device=str, encoder_overrides=dict, decoder_arch=dict,
-                            disc_overrides=dict, lpips_weights=(tuple, list)),
+                            disc_overrides=dict, lpips_weights=(tuple, list), wandb_run_name=str),
                  positive=('image_size', 'decoder_patch', 'global_batch', 'epochs', 'lr', 'log_every', 'ddp_timeout'),
                  non_negative=('eval_every', 'eval_images', 'noise_tau', 'perceptual_weight', 'disc_weight',
                                'disc_start_epoch', 'disc_update_start_epoch', 'lr_final', 'warmup_epochs',
@@ -568,9 +571,9 @@ def main(argv):
               f'PSNR {psnr(y.permute(0, 3, 1, 2).float() / 255, x).item():.2f} dB')
         return cleanup_ddp()
     if mode == 'eval':
-        metrics, n = evaluate(autoencoder, val_path, image_size, eval_images, reference, inception,
-                              global_batch // world_size, workers)
-        print0(f'{n} images of {val_path}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+        scores, n = evaluate(autoencoder, val_path, image_size, eval_images, reference, inception,
+                             global_batch // world_size, workers)
+        print0(f'{n} images of {val_path}: ' + ', '.join(f'{k} {v:.4f}' for k, v in scores.items()))
         return cleanup_ddp()
     enc.check_inputs = False  # the loader gives [0, 1] by construction; the range check would sync every step
     dec = rae.Decoder(**rae.decoder_arch(config))  # the architecture its checkpoints' config rebuilds
@@ -601,6 +604,7 @@ def main(argv):
     if c := resume(ckpt_dir, config, model=dec, ema=ema, optimizer=opt, disc=disc, optimizer_d=opt_d):
         step, epoch, batch = c['step'], c['epoch'], c['batch']
         log(f'resumed from {c["path"]}: step {step}, epoch {epoch}, batch {batch}')
+    metrics = Metrics(out_dir, config, step, wandb_log, wandb_project, wandb_run_name)  # metrics.jsonl, loss.png
 
     bar = tqdm(total=last, initial=step, disable=not is_master, desc='training', unit='step')
     stats, t0 = defaultdict(list), time.perf_counter()
@@ -630,15 +634,19 @@ def main(argv):
                 losses = ' '.join(f'{k} {v:.9g}' for k, v in zip(keys, means.tolist()))  # 9 digits: fp32 exactly
                 log(f'step {step}/{last} | epoch {epoch} | {losses} | lr {lr_now:.3e} | {n / seconds:.2f} steps/s | '
                     f'{n * global_batch / seconds:.1f} img/s{skipped}')
+                metrics.log(step, epoch=epoch, **dict(zip(keys, means.tolist())), lr=lr_now,
+                            img_per_s=n * global_batch / seconds)
+                metrics.plot()
                 stats, t0 = defaultdict(list), time.perf_counter()
             if (ckpt_every and step % ckpt_every == 0) or batch == steps_per_epoch:
                 save_checkpoint(ckpt_dir, step=step, epoch=epoch, batch=batch, config=config, keep=ckpt_keep,
                                 model=dec, ema=ema, optimizer=opt, disc=disc, optimizer_d=opt_d)
             if val_path and (step == last or (eval_every and step % eval_every == 0)):
-                metrics, n = evaluate(rae.RAE(enc, ema).to(dev).eval(), val_path, image_size, eval_images,
-                                      reference, inception, global_batch // world_size, workers)  # no noise
+                scores, n = evaluate(rae.RAE(enc, ema).to(dev).eval(), val_path, image_size, eval_images,
+                                     reference, inception, global_batch // world_size, workers)  # no noise
                 log(f'eval step {step} | EMA decoder on {n} images of {val_path}: '
-                    + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+                    + ', '.join(f'{k} {v:.4f}' for k, v in scores.items()))
+                metrics.log(step, **scores)
             if step % log_every == 0:
                 t0 = time.perf_counter()  # throughput leaves out checkpoints and evaluations
         batch = 0

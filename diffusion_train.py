@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from files import save_grid, to_uint8
 from rae import RAE, Decoder, build_dit, decoder_arch, flow_loss, guided_velocity, sample_ode, shift_alpha, step_draws
 from runtime import barrier, choose_precision, cleanup_ddp, one_line_errors, print0, rank0_first, set_tf32, setup_ddp
-from training import (ImageFolder, check_config, configure, lr_linear_decay, make_ema, make_loader, resume,
+from training import (ImageFolder, Metrics, check_config, configure, lr_linear_decay, make_ema, make_loader, resume,
                       save_checkpoint, start_log, unreadable, update_ema, write_toy_encoder)
 
 _imported = set(globals())  # the config is what the block below defines
@@ -96,6 +96,9 @@ fid_samples = 10000
 fid_reference = 'imagenet256'       # fid.py reference batch name or .npz
 ckpt_every = 5000
 ckpt_keep = 3
+wandb_log = False                   # also send the metrics and preview grids to Weights & Biases (needs wandb)
+wandb_project = 'nano-rae'
+wandb_run_name = None               # None: wandb names the run
 _DEFAULTS = {k: v for k, v in globals().items() if k not in _imported}
 
 
@@ -250,7 +253,7 @@ def main(argv):
                                       cache_dtype=('float16', 'float32'), time_dist=('logit-normal', 'uniform')),
                  types=dict(max_steps=int, shift=(int, float), latent_cache=str, encoder_weights=str, decoder=str,
                             encoder_overrides=dict, stats=(str, bool), device=str, hidden_size=(int, tuple, list),
-                            depth=(int, tuple, list), num_heads=(int, tuple, list)),
+                            depth=(int, tuple, list), num_heads=(int, tuple, list), wandb_run_name=str),
                  positive=('global_batch', 'grad_accum', 'epochs', 'max_steps', 'lr', 'image_size', 'num_classes',
                            'sample_steps', 'fid_samples', 'shift', 'ddp_timeout'),
                  non_negative=('lr_final', 'weight_decay', 'grad_clip', 'workers', 'log_every', 'sample_every',
@@ -347,6 +350,7 @@ def main(argv):
         # another number of ranks or accumulation steps goes on exactly: the draws do not depend on the split
         step, epoch, batch = c['step'], c['epoch'], c['batch'] // c['config']['grad_accum'] * grad_accum
         log(f'resumed from {c["path"]}: step {step}, epoch {epoch}, batch {batch}')
+    metrics = Metrics(out_dir, config, step, wandb_log, wandb_project, wandb_run_name)  # metrics.jsonl, loss.png
     if step >= total_steps:
         raise SystemExit(f'nothing to train: {out_dir} is at step {step} of {total_steps} (raise max_steps or epochs)')
     ddp = DDP(dit, broadcast_buffers=False) if world_size > 1 else dit
@@ -392,23 +396,28 @@ def main(argv):
         if (log_every and step % log_every == 0) or step == total_steps:
             if world_size > 1:
                 dist.all_reduce(sums)  # loss at log time only: no sync in the step
-            dt, skipped = time.perf_counter() - t0, unreadable(data, dev)
-            log(f'step {step}/{total_steps} | epoch {epoch} | loss {sums[0] / (global_batch * (step - logged)):.6f} | '
-                f'grad {sums[1] / world_size / (step - logged):.4f} | lr {lr_now:.3e} | {(step - logged) / dt:.2f} '
-                f'steps/s | {(step - logged) * global_batch / dt:.1f} img/s{skipped}')
+            dt, skipped, n = time.perf_counter() - t0, unreadable(data, dev), step - logged
+            loss_mean, grad_mean = (sums[0] / (global_batch * n)).item(), (sums[1] / world_size / n).item()
+            log(f'step {step}/{total_steps} | epoch {epoch} | loss {loss_mean:.6f} | grad {grad_mean:.4f} | '
+                f'lr {lr_now:.3e} | {n / dt:.2f} steps/s | {n * global_batch / dt:.1f} img/s{skipped}')
+            metrics.log(step, epoch=epoch, loss=loss_mean, grad_norm=grad_mean, lr=lr_now,
+                        img_per_s=n * global_batch / dt)
+            metrics.plot()
             sums.zero_()
         if is_master and sample_every and (step % sample_every == 0 or step == total_steps):
             y = torch.tensor(sample_classes, device=dev)
             # fixed noise from its own generator: a preview never moves the training streams
             noise = torch.randn(len(y), *latent_shape, generator=torch.Generator().manual_seed(0)).to(dev)
             os.makedirs(os.path.join(out_dir, 'samples'), exist_ok=True)
-            save_grid(ema_images(ema, rae, y, noise, sample_steps, alpha, ctx), 4,
-                      os.path.join(out_dir, 'samples', f'{step:07d}.png'))
+            path = os.path.join(out_dir, 'samples', f'{step:07d}.png')
+            save_grid(ema_images(ema, rae, y, noise, sample_steps, alpha, ctx), 4, path)
+            metrics.image('samples', path, step)
         if fid_every and step % fid_every == 0:
             score = online_fid(ema, rae, fid_samples, fid_reference, latent_shape, alpha, sample_steps, ctx,
                                seed_of(global_seed, step), rank, world_size, micro)
             if is_master:
                 log(f'step {step} | FID {score:.3f} ({fid_samples} EMA samples, {sample_steps} Euler steps, unguided)')
+                metrics.log(step, FID=score)
         if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
             save_checkpoint(ckpt_dir, step=step, epoch=epoch, batch=batch, config=config, keep=ckpt_keep,
                             model=dit, ema=ema, optimizer=opt)

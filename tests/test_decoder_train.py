@@ -459,6 +459,11 @@ def test_resume_after_sigkill_equals_uninterrupted(runs):
     for key in ('model', 'ema', 'disc'):
         assert ca[key].keys() == cb[key].keys()
         assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key]), key
+    # metrics.jsonl: one record per step, the steps logged again after the resume replace the killed run's
+    ra, rb = ([json.loads(line) for line in (d / r / 'metrics.jsonl').read_text().splitlines()] for r in 'ab')
+    assert [r['step'] for r in rb] == [r['step'] for r in ra] == list(range(1, 33))
+    assert all(x.pop('img_per_s') and y.pop('img_per_s') and x == y for x, y in zip(ra, rb))  # all but the speed
+    assert {'l1', 'lpips', 'loss', 'lr', 'epoch'} <= ra[0].keys() and (d / 'b' / 'loss.png').is_file()
 
 
 def test_gan_phases_switch_on_at_their_epochs(runs):
@@ -611,6 +616,8 @@ def test_overfits_four_real_photos(toy, tmp_path):
     evals = [float(line.split('PSNR ')[1]) for line in (tmp_path / 'run' / 'log.txt').read_text().splitlines()
              if line.startswith('eval step')]
     assert len(evals) == 8 and evals[0] < evals[-1] and evals[-1] > 20, evals
+    records = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+    assert [round(r['PSNR'], 4) for r in records if 'PSNR' in r] == evals  # the log's 4 decimals
     # the logged PSNR, recomputed with numpy from the EMA weights of the last checkpoint (ema_decay 0: = model)
     ckpt = torch.load(tmp_path / 'run' / 'checkpoints' / '0000200.pt', weights_only=True)
     dec = rae.Decoder(128, 128, 2, 2, 256, grid=4, patch=8)

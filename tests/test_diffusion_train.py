@@ -1,6 +1,7 @@
 """diffusion_train.py end to end on a toy set: DDP == 1 process, accumulation == a doubled batch, SIGKILL + resume ==
 an uninterrupted run (bit-exact), latent cache == encoding on the fly, statistics == numpy, config errors, and a tiny
 run whose loss falls and whose checkpoint samples what its own preview grid shows."""
+import json
 import os
 import re
 import signal
@@ -324,6 +325,12 @@ def test_kill_and_resume_is_bit_exact(toy, tmp_path):
     assert f'resumed from {out / "checkpoints" / f"{saved[-1]:07d}.pt"}: step {saved[-1]}' in text
     full, resumed = losses(tmp_path / 'full'), losses(out)
     assert sorted(resumed) == list(range(1, steps + 1)) and resumed == full
+    # metrics.jsonl: the records after the resumed checkpoint were dropped, so the curve goes on without duplicates
+    records = [[json.loads(line) for line in (d / 'metrics.jsonl').read_text().splitlines()]
+               for d in (tmp_path / 'full', out)]
+    assert [r['step'] for r in records[1]] == [r['step'] for r in records[0]] == list(range(1, steps + 1))
+    assert [r['loss'] for r in records[1]] == [r['loss'] for r in records[0]]
+    assert (out / 'loss.png').is_file()
     a, b = final_state(tmp_path / 'full'), final_state(out)
     for key in ('model', 'ema'):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key

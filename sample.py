@@ -36,7 +36,8 @@ from runtime import barrier, choose_precision, cleanup_ddp, one_line_errors, pri
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
-    p.add_argument('--class', dest='classes', type=int, nargs='+', help='ImageNet class ids')
+    p.add_argument('--class', dest='classes', type=int, nargs='+',
+                   help="class ids (default: 8 ImageNet classes, or the model's first 8)")
     p.add_argument('--unconditional', action='store_true', help='null label everywhere')
     p.add_argument('--n', type=int, default=4, help='samples per class in the PNG grid')
     p.add_argument('--seed', type=int, default=0)
@@ -210,7 +211,9 @@ def run(a):
     if a.num_samples is not None:
         write_npz(a, models, rank, world)
     else:
-        classes = a.classes or [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
+        # DiT's sample.py classes for ImageNet models; the first (up to 8) classes of any other (one class: 0)
+        classes = a.classes or ([207, 360, 387, 974, 88, 979, 417, 279] if model.num_classes == 1000
+                                else list(range(min(8, model.num_classes))))
         bad = [c for c in classes if c >= model.num_classes and not a.unconditional]  # [0, 999] was checked before
         if bad:
             raise ValueError(f'--class {bad[0]} is outside [0, {model.num_classes - 1}]')

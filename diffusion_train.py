@@ -33,7 +33,7 @@ from files import save_grid, to_uint8
 from rae import RAE, Decoder, build_dit, decoder_arch, flow_loss, guided_velocity, sample_ode, shift_alpha, step_draws
 from runtime import barrier, choose_precision, cleanup_ddp, one_line_errors, print0, rank0_first, set_tf32, setup_ddp
 from training import (ImageFolder, Metrics, check_config, configure, lr_linear_decay, make_ema, make_loader, resume,
-                      save_checkpoint, start_log, unreadable, update_ema, write_toy_encoder)
+                      save_checkpoint, start_log, step_flops, unreadable, update_ema, write_toy_encoder)
 
 _imported = set(globals())  # the config is what the block below defines
 # -----------------------------------------------------------------------------------------------------------
@@ -337,7 +337,10 @@ def main(argv):
     opt = torch.optim.AdamW([p for p in dit.parameters() if p.requires_grad], lr=lr, betas=betas,
                             weight_decay=weight_decay, fused=dev.type == 'cuda')
     width = dit.final_layer.linear.in_features
+    in_step = None if from_cache else rae.encoder  # the encoder is counted unless the latents come from the cache
+    flops = step_flops(dit, latent_shape, in_step, image_size)
     log(f'{model}: {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M parameters on latents {list(latent_shape)}, '
+        f'{flops / 1e9:.4g} GFLOP per image per step (forward + backward{", encoder" if in_step else ""}), '
         f'alpha {alpha:.4f}, {world_size} ranks x {micro} x {grad_accum} micro-batches, '
         f'{steps_per_epoch} steps/epoch, {total_steps} steps')
     if width < latent_shape[0]:

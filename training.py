@@ -7,6 +7,7 @@ import ast
 import contextlib
 import copy
 import errno
+import itertools
 import json
 import math
 import multiprocessing
@@ -23,10 +24,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
+from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.flop_counter import FlopCounterMode
 
 from files import IMAGE_EXTS, center_crop_arr, open_rgb, published_state_dict
-from rae import ENCODERS, PUBLISHED, Encoder
+from rae import ENCODERS, PUBLISHED, Encoder, flow_loss
 from runtime import print0
 
 # -----------------------------------------------------------------------------------------------------------
@@ -488,3 +491,40 @@ class Metrics:
             draw.text((margin + 6 + 170 * i, margin // 2 + 4), f'{key} {lo:.4g} .. {hi:.4g}', fill=colour)
         im.save(self.plot_path + '.tmp.png')
         os.replace(self.plot_path + '.tmp.png', self.plot_path)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# FLOPs of a training step, counted on the model's own code (the first log line; bench/ turns them into MFU)
+
+def meta_like(module):
+    """{name: meta tensor} for every parameter and buffer: functional_call(module, meta_like(module), args) runs the
+    module's own forward on shapes only."""
+    return {n: torch.empty_like(t, device='meta').requires_grad_(t.requires_grad)
+            for n, t in itertools.chain(module.named_parameters(), module.named_buffers())}
+
+
+def step_flops(dit, latent_shape=(768, 16, 16), encoder=None, image_size=256, forward_only=False, batch=2):
+    """FLOPs per image of one diffusion training step of `dit` (forward + backward of flow_loss; forward_only: the
+    DiT forward alone), plus the no-grad forward of `encoder` on image_size images when one is given, counted by
+    FlopCounterMode on meta tensors. Any instance works (real weights, or one built under torch.device('meta'))."""
+    with FlopCounterMode(display=False) as counter:
+        if encoder is not None:
+            check, encoder.check_inputs = encoder.check_inputs, False  # a range check cannot read meta values
+            try:
+                with torch.no_grad():
+                    functional_call(encoder, meta_like(encoder), (torch.zeros(batch, 3, image_size, image_size,
+                                                                              device='meta'),))
+            finally:
+                encoder.check_inputs = check
+        state = meta_like(dit)
+        # model FLOPs: checkpointing's recomputation is not counted (and it would rerun blocks on the real weights)
+        recompute, dit.grad_checkpoint = dit.grad_checkpoint, False
+        x = torch.zeros(batch, *latent_shape, device='meta')
+        y, t = torch.zeros(batch, dtype=torch.long, device='meta'), torch.zeros(batch, device='meta')
+        if forward_only:
+            functional_call(dit, state, (x, t, y))
+        else:
+            flow_loss(lambda *a: functional_call(dit, state, a), x, y, 1.0, eps=torch.zeros_like(x), t=t).sum() \
+                .backward()
+        dit.grad_checkpoint = recompute
+    return counter.get_total_flops() / batch

@@ -26,7 +26,6 @@ random-weight DINOv2-B encoder at 224 px), the per-row draws, forward, backward,
 in the step (workers=0), so "images" includes PNG decoding (bench/bench_data.py measures the data path alone).
 """
 import argparse
-import itertools
 import math
 import os
 import sys
@@ -37,14 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.func import functional_call
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import diffusion_train as dt  # noqa: E402
 from rae import DDT_HEAD, DIT_SIZES, ENCODERS, RAE, Encoder, build_dit, flow_loss, shift_alpha, step_draws  # noqa
 from runtime import set_tf32  # noqa: E402
-from training import ImageFolder, make_ema, update_ema  # noqa: E402
+from training import ImageFolder, make_ema, meta_like, step_flops, update_ema  # noqa: E402
 
 # Dense (no sparsity) datasheet peaks in TFLOP/s by a substring of torch.cuda.get_device_name: (bf16, fp32 as TF32).
 # Checked in order, so the more specific names come first ('H100 PCIe' before 'H100', 'A100' before 'A10').
@@ -66,40 +63,6 @@ def sync(device):
 
 # -----------------------------------------------------------------------------------------------------------
 # FLOPs: counted, and analytic
-
-def meta_like(module):
-    """{name: meta tensor} for every parameter and buffer: functional_call(module, meta_like(module), args) runs the
-    module's own forward on shapes only."""
-    return {n: torch.empty_like(t, device='meta').requires_grad_(t.requires_grad)
-            for n, t in itertools.chain(module.named_parameters(), module.named_buffers())}
-
-
-def step_flops(dit, latent_shape=LATENT_SHAPE, encoder=None, image_size=256, forward_only=False, batch=2):
-    """FLOPs per image of one diffusion training step of `dit` (forward + backward of flow_loss; forward_only: the
-    DiT forward alone), plus the no-grad forward of `encoder` on image_size images when one is given, counted by
-    FlopCounterMode on meta tensors. Any instance works (real weights, or one built under torch.device('meta'))."""
-    with FlopCounterMode(display=False) as counter:
-        if encoder is not None:
-            check, encoder.check_inputs = encoder.check_inputs, False  # a range check cannot read meta values
-            try:
-                with torch.no_grad():
-                    functional_call(encoder, meta_like(encoder), (torch.zeros(batch, 3, image_size, image_size,
-                                                                              device='meta'),))
-            finally:
-                encoder.check_inputs = check
-        state = meta_like(dit)
-        # model FLOPs: checkpointing's recomputation is not counted (and it would rerun blocks on the real weights)
-        recompute, dit.grad_checkpoint = dit.grad_checkpoint, False
-        x = torch.zeros(batch, *latent_shape, device='meta')
-        y, t = torch.zeros(batch, dtype=torch.long, device='meta'), torch.zeros(batch, device='meta')
-        if forward_only:
-            functional_call(dit, state, (x, t, y))
-        else:
-            flow_loss(lambda *a: functional_call(dit, state, a), x, y, 1.0, eps=torch.zeros_like(x), t=t).sum() \
-                .backward()
-        dit.grad_checkpoint = recompute
-    return counter.get_total_flops() / batch
-
 
 def meta_dit(name, latent_shape=LATENT_SHAPE, **kwargs):
     """The build_dit model on the meta device (no memory, no init cost): for counting FLOPs of any size anywhere."""

@@ -597,3 +597,17 @@ def test_wandb_is_imported_only_when_asked_and_a_restart_resumes_the_run(tmp_pat
     assert len(inits) == 2 and inits[0]['id'] == inits[1]['id'] and inits[0]['resume'] == 'allow'
     assert inits[0]['project'] == 'p' and inits[0]['name'] == 'r' and inits[0]['config'] == config
     assert ('log', 3, {'step': 3, 'loss': 0.5}) in calls and ('log', 3, {'samples': ('image', 'grid.png')}) in calls
+
+
+def test_step_flops_equal_the_analytic_count():
+    """The counter on the model's own code against bench/bench_train.py's count from the layer sizes (a separate
+    derivation): forward FLOPs = 2 x MACs exactly; a training step is just under 3 forwards (x_t needs no input
+    gradient in the patch embeddings)."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
+    import bench_train
+    for name in ('DiTDH-S', 'LightningDiT-S'):
+        dit = bench_train.meta_dit(name)
+        forward = training.step_flops(dit, forward_only=True)
+        assert forward == 2 * bench_train.analytic_forward_macs(name)
+        assert 2.9 < training.step_flops(dit) / forward < 3

@@ -1,5 +1,6 @@
 """Speed and FLOP accounting of the diffusion_train.py training step: ms/step, img/s, achieved TFLOP/s and MFU for
-fp32 / bf16, eager / compiled, from the latent cache / from images through the encoder.
+fp32 / bf16 / auto, eager / compiled, from the latent cache / from images through the encoder, with and without
+activation checkpointing.
 
     python bench/bench_train.py                                   # DiT^DH-S, batch 8, CPU: all 8 combinations
     python bench/bench_train.py --model DiTDH-XL --batch 128 --device cuda --precisions bf16 --compile 1   # MFU
@@ -15,7 +16,9 @@ What it prints, top to bottom:
     torch.mm in the row's dtype, measured in this run. --peak-tflops overrides both.
   - one row per (precision, mode, source): warm-up s, ms/step, img/s, TFLOP/s (counted FLOPs / step time), MFU
     and the speed-up over the first row (house rule: ratios against a baseline measured in the same run)
-  - bf16 against fp32: the step-time ratio for each mode and source measured in both, on this machine
+  - saved MB: what autograd keeps for backward in one step (eager rows on a CPU; the weights aside, their bf16
+    casts under autocast included), with and without --checkpoint; on a GPU the peak allocated memory instead
+  - bf16 against fp32, checkpointing against none: the step-time ratios, on this machine
   - --analytic: the counted forward against an analytic count from the layer sizes (ratio ~1.000 expected), and
     for DiT^DH-XL the paper's Table 18 figure (145.03 "GFlops" = GMACs forward per 256 px image). The paper counts
     the head's adaLN modulation once per image; in the released model the head is modulated per token (its
@@ -26,6 +29,8 @@ random-weight DINOv2-B encoder at 224 px), the per-row draws, forward, backward,
 in the step (workers=0), so "images" includes PNG decoding (bench/bench_data.py measures the data path alone).
 """
 import argparse
+import contextlib
+import itertools
 import math
 import os
 import sys
@@ -40,7 +45,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import diffusion_train as dt  # noqa: E402
 from rae import DDT_HEAD, DIT_SIZES, ENCODERS, RAE, Encoder, build_dit, flow_loss, shift_alpha, step_draws  # noqa
-from runtime import set_tf32  # noqa: E402
+from runtime import choose_precision, set_tf32  # noqa: E402
 from training import ImageFolder, make_ema, meta_like, step_flops, update_ema  # noqa: E402
 
 # Dense (no sparsity) datasheet peaks in TFLOP/s by a substring of torch.cuda.get_device_name: (bf16, fp32 as TF32).
@@ -193,9 +198,10 @@ def main():
     ap.add_argument('--model', default='DiTDH-S')
     ap.add_argument('--batch', type=int, default=8)
     ap.add_argument('--device', default='cpu')
-    ap.add_argument('--precisions', default='fp32,bf16')
+    ap.add_argument('--precisions', default='fp32,bf16,auto', help="'auto': what runtime.choose_precision picks")
     ap.add_argument('--compile', default='0,1', help='0: eager, 1: torch.compile; "0,1" both')
     ap.add_argument('--sources', default='cache,images')
+    ap.add_argument('--checkpoint', default='0', help='grad_checkpoint off (0) / on (1); "0,1" both')
     ap.add_argument('--steps', type=int, default=2, help='timed steps per row')
     ap.add_argument('--warmup', type=int, default=1, help='untimed steps first (compilation happens here)')
     ap.add_argument('--threads', type=int, default=torch.get_num_threads())
@@ -223,19 +229,23 @@ def main():
     if a.flops_only:
         return
     precisions = a.precisions.split(',')
-    peaks = {p: peak_tflops(dev, p, a.peak_tflops, a.peak_size) for p in precisions}
+    resolved = {p: 'fp32' if choose_precision(p, dev)[0] is None else 'bf16' for p in precisions}
+    if 'auto' in precisions:
+        print(f"auto: {choose_precision('auto', dev)[1]}")
+    peaks = {p: peak_tflops(dev, resolved[p], a.peak_tflops, a.peak_size) for p in set(resolved.values())}
     print('peak: ' + '; '.join(f'{p} {v:.3g} TFLOP/s ({src})' for p, (v, src) in peaks.items()))
     with tempfile.TemporaryDirectory() as tmp:
         sources = dict(zip(('cache', 'images'), make_sources(tmp, a.batch, latent_shape)))
-        print(f'{"precision":>9} {"mode":>8} {"source":>7} {"warm-up s":>10} {"ms/step":>9} {"img/s":>8} '
-              f'{"TFLOP/s":>8} {"MFU":>6} {"speed-up":>9}')
+        print(f'{"precision":>11} {"mode":>8} {"source":>7} {"ckpt":>4} {"warm-up s":>10} {"ms/step":>9} {"img/s":>8} '
+              f'{"TFLOP/s":>8} {"MFU":>6} {"saved MB":>9} {"speed-up":>9}')
         baseline, ms_of = None, {}  # ms/step of the first row (fp32 eager from the cache by default), of every row
-        for precision in precisions:
-            ctx = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
+        for precision, checkpoint in itertools.product(precisions, map(int, a.checkpoint.split(','))):
+            ctx = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=resolved[precision] == 'bf16')
             for compiled in map(int, a.compile.split(',')):
                 torch.manual_seed(0)
                 model = build_dit(a.model, input_size=latent_shape[1], in_channels=latent_shape[0],
                                   class_dropout_prob=0.0).to(dev)
+                model.grad_checkpoint = bool(checkpoint)
                 ema = make_ema(model)
                 net = torch.compile(model) if compiled else model
                 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4,
@@ -245,7 +255,13 @@ def main():
                     it = iter(())
                     step, rows = 0, torch.arange(a.batch)
 
-                    def train_step():
+                    saved = {}  # storage -> bytes of what autograd keeps for backward (eager: the hooks see it)
+
+                    def keep(t):
+                        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                        return t
+
+                    def train_step(measure=False):
                         nonlocal it, step
                         try:
                             inputs, y = next(it)
@@ -257,7 +273,8 @@ def main():
                         eps, t, drop = step_draws(0, step, rows, a.batch, latent_shape, 'logit-normal', alpha, 0.1,
                                                   dev)
                         y = torch.where(drop, 1000, y.to(dev))
-                        with ctx:
+                        hooks = torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t)
+                        with ctx, hooks if measure else contextlib.nullcontext():
                             loss = flow_loss(net, x, y, alpha, eps=eps, t=t)
                         (loss.sum() / a.batch).backward()
                         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -270,21 +287,39 @@ def main():
                     t0 = time.perf_counter()
                     for _ in range(a.warmup):
                         train_step()
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats(dev)
                     t1 = time.perf_counter()
                     for _ in range(a.steps):
                         train_step()
                     ms = (time.perf_counter() - t1) / a.steps * 1000
+                    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+                    if cuda:  # the peak of everything, the weights and optimizer state included
+                        memory = f'{torch.cuda.max_memory_allocated(dev) / 2 ** 20:>8.0f}*'
+                    elif not compiled:  # activations: what one step's forward saves for backward, weights aside
+                        saved.clear()
+                        train_step(measure=True)
+                        memory = f'{sum(b for s, b in saved.items() if s not in weights) / 2 ** 20:>9.0f}'
+                    else:
+                        memory = f'{"-":>9}'
                     ips = a.batch / ms * 1000
                     tflops = ips * flops[source] / 1e12
                     baseline = baseline or ms
                     mode = 'compiled' if compiled else 'eager'
-                    ms_of[precision, mode, source] = ms
-                    print(f'{precision:>9} {mode:>8} {source:>7} {t1 - t0:>10.1f} {ms:>9.0f} {ips:>8.2f} '
-                          f'{tflops:>8.3g} {tflops / peaks[precision][0]:>6.1%} {baseline / ms:>8.2f}x', flush=True)
-        for (precision, mode, source), ms in ms_of.items():
-            if precision == 'fp32' and ('bf16', mode, source) in ms_of:
-                print(f'bf16 vs fp32 here, {mode}, {source}: bf16 step time / fp32 step time = '
-                      f'{ms_of["bf16", mode, source] / ms:.2f}')
+                    ms_of[precision, mode, source, checkpoint] = ms
+                    label = f'auto={resolved[precision]}' if precision == 'auto' else precision
+                    print(f'{label:>11} {mode:>8} {source:>7} {checkpoint:>4} {t1 - t0:>10.1f} {ms:>9.0f} {ips:>8.2f} '
+                          f'{tflops:>8.3g} {tflops / peaks[resolved[precision]][0]:>6.1%} {memory} '
+                          f'{baseline / ms:>8.2f}x', flush=True)
+        for (precision, mode, source, checkpoint), ms in ms_of.items():
+            if precision == 'fp32' and ('bf16', mode, source, checkpoint) in ms_of:
+                print(f'bf16 vs fp32 here, {mode}, {source}, checkpoint {checkpoint}: bf16 step time / fp32 step '
+                      f'time = {ms_of["bf16", mode, source, checkpoint] / ms:.2f}')
+            if checkpoint and (precision, mode, source, 0) in ms_of:
+                print(f'grad_checkpoint, {precision}, {mode}, {source}: step time with / without = '
+                      f'{ms / ms_of[precision, mode, source, 0]:.2f}')
+        if cuda:
+            print('* peak memory allocated on the GPU (MB), weights and optimizer state included')
 
 
 if __name__ == '__main__':

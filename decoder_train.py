@@ -651,6 +651,12 @@ def main(argv):
                 t0 = time.perf_counter()  # throughput leaves out checkpoints and evaluations
         batch = 0
     bar.close()
+    if is_master:  # the final EMA decoder with its encoder as a diffusers AutoencoderRAE (no latent statistics)
+        try:
+            rae.RAE(enc, ema).save_pretrained(os.path.join(out_dir, 'diffusers'))
+            log(f'wrote {out_dir}/diffusers: the EMA decoder and its encoder in the diffusers AutoencoderRAE layout')
+        except ValueError as e:
+            log(f'no diffusers export: {e}')
     cleanup_ddp()
 
 

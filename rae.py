@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from files import copy_weights, download, hf_url, load_published, load_state_dict_file, model_state_dict
+from files import (copy_weights, diffusers_arch, download, hf_url, is_diffusers, load_published, load_state_dict_file,
+                   model_state_dict, pick_layout, published_state_dict, read_diffusers, save_diffusers)
 
 HF_REPO = 'nyu-visionx/RAE-collections'  # the authors' released decoders, statistics and DiTs
 
@@ -121,6 +122,26 @@ PUBLISHED = {
                              'fc1': 'mlp.fc1', 'fc2': 'mlp.fc2'}),
     'decoder': ('', {'embed': 'decoder_embed', 'cls_token': 'trainable_cls_token', 'pos_embed': 'decoder_pos_embed',
                      'norm': 'decoder_norm', 'pred': 'decoder_pred'}, 'decoder_layers.{i}.', _HF_VIT_BLOCK),
+    # diffusers' AutoencoderRAE decoder: the released names under decoder., but for diffusers' own attention module
+    'diffusers-decoder': ('decoder.', {'embed': 'decoder_embed', 'cls_token': 'trainable_cls_token',
+                                       'pos_embed': 'decoder_pos_embed', 'norm': 'decoder_norm',
+                                       'pred': 'decoder_pred'},
+                          'decoder_layers.{i}.', {'norm1': 'layernorm_before', 'attn.proj': 'attention.to_out.0',
+                                                  'attn.qkv': ('attention.to_q', 'attention.to_k', 'attention.to_v'),
+                                                  'norm2': 'layernorm_after', 'fc1': 'intermediate.dense',
+                                                  'fc2': 'output.dense'}),
+}
+# diffusers' files hold the encoder under its transformers model's names in memory, renamed in transformers 5.18
+# (DINOv2), 5.9 (MAE) and 5.6 (SigLIP, one level flatter). Per encoder_type: (the renamed layout, which we write
+# for the pinned transformers; the earlier one, the hub checkpoints' names). Both are read.
+_T5_ATTN = {'attn.qkv': ('attention.q_proj', 'attention.k_proj', 'attention.v_proj'), 'attn.proj': 'attention.o_proj'}
+DIFFUSERS_ENCODERS = {
+    'dinov2': (('encoder.', PUBLISHED['dinov2'][1], 'encoder.layer.{i}.', {**PUBLISHED['dinov2'][3], **_T5_ATTN}),
+               ('encoder.', *PUBLISHED['dinov2'][1:])),
+    'mae': (('encoder.', PUBLISHED['mae'][1], 'layers.{i}.', {'norm1': 'layernorm_before', 'norm2': 'layernorm_after',
+                                                               'fc1': 'mlp.fc1', 'fc2': 'mlp.fc2', **_T5_ATTN}),
+            ('encoder.', *PUBLISHED['mae'][1:])),
+    'siglip2': (('encoder.', *PUBLISHED['siglip2'][1:]), ('encoder.vision_model.', *PUBLISHED['siglip2'][1:])),
 }
 
 
@@ -265,6 +286,14 @@ RELEASED_STATS = {('dinov2-b', 256): 'stats/dinov2/wReg_base/imagenet1k/stat.pt'
                   ('dinov2-b', 512): 'stats/dinov2/wReg_base/imagenet1k_512/stat.pt',
                   ('siglip2-b', 256): 'stats/siglip2/base_p16_i256/ImageNet1k/stat.pt',
                   ('mae-b', 256): 'stats/mae/base_p16/ImageNet1k/stat.pt'}
+# The same RAEs as diffusers AutoencoderRAE repositories (encoder, decoder and statistics in one file), with the
+# DINOv2-S and -L ones that RAE-collections lacks; from_pretrained reads these for names without a file above.
+RELEASED_DIFFUSERS = {('dinov2-b', 256): 'nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08',
+                      ('dinov2-b', 512): 'nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08-i512',
+                      ('dinov2-s', 256): 'nyu-visionx/RAE-dinov2-wReg-small-ViTXL-n08',
+                      ('dinov2-l', 256): 'nyu-visionx/RAE-dinov2-wReg-large-ViTXL-n08',
+                      ('siglip2-b', 256): 'nyu-visionx/RAE-siglip2-base-p16-i256-ViTXL-n08',
+                      ('mae-b', 256): 'nyu-visionx/RAE-mae-base-p16-ViTXL-n08'}
 
 
 def decoder_arch(config):
@@ -332,12 +361,21 @@ class RAE(nn.Module):
         return self.decode(self.encode(images))
 
     @classmethod
-    def from_pretrained(cls, encoder='dinov2-b', resolution=256, decoder=None, stats=None, encoder_weights=None,
+    def from_pretrained(cls, encoder='dinov2-b', resolution=None, decoder=None, stats=None, encoder_weights=None,
                         load_encoder=True, encoder_overrides=None, arch=None):
-        """The released RAE for (encoder, resolution); decoder / stats may be local files instead of downloads. A
-        decoder_train.py checkpoint is built from the run config it stores, any other file as a released ViT-XL
-        decoder at patch 16 unless arch (Decoder's keywords) says otherwise. load_encoder=False: decode only
-        (sampling); stats=False: no latent normalisation (decoder training works on raw tokens)."""
+        """The released RAE for (encoder, resolution, 256 unless given); decoder / stats may be local files instead of
+        downloads. A decoder_train.py checkpoint is built from the run config it stores, any other file as a released
+        ViT-XL decoder at patch 16 unless arch (Decoder's keywords) says otherwise. load_encoder=False: decode only
+        (sampling); stats=False: no latent normalisation (decoder training works on raw tokens). encoder or decoder
+        may be a diffusers AutoencoderRAE folder or hub repository (from_diffusers; encoder_* and arch unused), and a
+        name without a RAE-collections decoder (dinov2-s, dinov2-l) loads its RELEASED_DIFFUSERS repository."""
+        key = (encoder, resolution or 256)
+        if decoder is None and key not in RELEASED_DECODERS:
+            decoder = RELEASED_DIFFUSERS.get(key)
+        if encoder not in ENCODERS and is_diffusers(encoder) or is_diffusers(decoder):
+            source, name = (decoder, encoder) if encoder in ENCODERS else (encoder, None)
+            return cls.from_diffusers(source, name, resolution, stats, load_encoder)
+        resolution = resolution or 256
         if encoder not in ENCODERS:
             raise ValueError(f'unknown encoder {encoder!r}; choose one of {", ".join(ENCODERS)}')
         key = (encoder, resolution)
@@ -363,6 +401,52 @@ class RAE(nn.Module):
         mean, var = load_stats(stats) if stats is not False else (None, None)
         return cls(enc, dec, mean, var, pixel_mean=cfg.get('mean', IMAGENET_MEAN),
                    pixel_std=cfg.get('std', IMAGENET_STD)).eval()
+
+    @classmethod
+    def from_diffusers(cls, source, encoder=None, resolution=None, stats=None, load_encoder=True):
+        """An RAE from a diffusers AutoencoderRAE folder or hub repository: its config sizes both models (the encoder
+        a preset, or its family's with other sizes), its file holds their weights and the statistics. encoder and
+        resolution, when given, must be what the file holds; stats and load_encoder as in from_pretrained."""
+        cfg, sd, path = read_diffusers(source)
+        layout = pick_layout(sd, DIFFUSERS_ENCODERS[cfg['encoder_type']])
+        enc_kw, dec_kw = diffusers_arch(cfg, sd, layout)
+        t, size = cfg['encoder_type'], dec_kw['grid'] * dec_kw['patch']
+        preset = next((n for n, e in ENCODERS.items() if e['layout'] == t and all(e[k] == enc_kw[k] for k in
+                                                                                ('width', 'depth', 'patch'))), None)
+        if (encoder not in (None, preset) and (preset or ENCODERS[encoder]['layout'] != t)
+                or resolution not in (None, size)):
+            raise ValueError(f'{path}: an RAE for {preset or t} at {size} px, not {encoder or preset} at '
+                             f'{resolution or size} px')
+        dec = load_published(Decoder(**dec_kw), sd, PUBLISHED['diffusers-decoder'], path, optional=('pos_embed',))
+        pixel_mean, pixel_std = cfg['encoder_norm_mean'] or IMAGENET_MEAN, cfg['encoder_norm_std'] or IMAGENET_STD
+        enc = None
+        if load_encoder:
+            base = preset or next(n for n, e in ENCODERS.items() if e['layout'] == t)  # sizes from enc_kw anyway
+            enc = Encoder(**dict(ENCODERS[base], name=preset or t, mean=pixel_mean, std=pixel_std, **enc_kw))
+            load_published(enc, sd, layout, path)
+        mean, var, std = cfg['latents_mean'], None, cfg['latents_std']
+        if stats is not None:  # a statistics file instead, or False: none
+            (mean, var), std = (load_stats(stats) if stats is not False else (None, None)), None
+        model = cls(enc, dec, mean, var, cfg['noise_tau'], pixel_mean, pixel_std)
+        if std is not None:
+            # The statistics convention: a diffusers file stores s = latents_std = sqrt(var + 1e-5), the authors'
+            # var and eps, and diffusers' encode divides by s + 1e-5, a second eps. The authors' RAE and ours divide
+            # by sqrt(var + 1e-5) = s, so s is our latent_std as it is (no round trip through var) and our encode
+            # is the authors'; diffusers' own latent is ours * s / (s + 1e-5), 1e-5 / s relative (2e-5 at s = 0.5).
+            # save_pretrained writes latent_std back as s.
+            model.latent_std = std
+        return model.eval()
+
+    def save_pretrained(self, folder, classic=False):
+        """This RAE as a diffusers AutoencoderRAE folder (config.json, diffusion_pytorch_model.safetensors) that
+        AutoencoderRAE.from_pretrained and from_diffusers load: the encoder under the names of transformers >= 5.18
+        (DINOv2), 5.9 (MAE), 5.6 (SigLIP), or with classic=True of earlier versions (DIFFUSERS_ENCODERS)."""
+        if self.encoder is None or self.encoder.layout not in DIFFUSERS_ENCODERS:
+            raise ValueError('save_pretrained needs the DINOv2, SigLIP2 or MAE encoder: diffusers files carry it')
+        layout = DIFFUSERS_ENCODERS[self.encoder.layout][int(classic)]
+        tensors = {**published_state_dict(self.encoder, layout),
+                   **published_state_dict(self.decoder, PUBLISHED['diffusers-decoder'])}
+        save_diffusers(folder, self, tensors, layout[0])
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -811,3 +811,20 @@ def test_evaluation_with_nothing_readable_is_one_line(tmp_path):
     (folder / 'bad.png').write_bytes(b'not an image')
     with pytest.raises(SystemExit, match='no readable images'):
         dt.evaluate(Identity(), str(tmp_path / 'val'), 32)
+
+
+def test_training_ends_with_a_diffusers_export_of_the_ema_decoder(toy, tmp_path):
+    """With an encoder diffusers can build (heads = width / 64), the run writes out_dir/diffusers; from_pretrained of
+    that folder reconstructs exactly as the last checkpoint's EMA decoder on the same encoder does."""
+    wide = dict(encoder_weights=f'{tmp_path}/dinov2_64.pt', encoder_overrides=dict(TINY_ENCODER, width=64, heads=1, pos_grid=37))
+    write_toy(toy, **wide)
+    run(*toy_args(toy, **wide, epochs=1), out_dir=tmp_path / 'run')
+    assert 'wrote' in (tmp_path / 'run' / 'log.txt').read_text().splitlines()[-1]
+    exported = rae.RAE.from_pretrained(str(tmp_path / 'run' / 'diffusers'), stats=False)
+    ckpt = torch.load(tmp_path / 'run' / 'checkpoints' / '0000008.pt', weights_only=True)
+    dec = rae.Decoder(64, 64, 2, 1, 128, grid=4, patch=8)
+    dec.load_state_dict(ckpt['ema'])
+    enc = rae.Encoder.from_pretrained('dinov2-b', wide['encoder_weights'], 56, **wide['encoder_overrides'])
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.eval()(x), rae.RAE(enc, dec).eval()(x), rtol=0, atol=1e-6)

@@ -1,7 +1,8 @@
 """
-Files in and out, shared by every script: downloads into the cache, weight files (safetensors, torch), checkpoint
-dicts and the published layouts, images (the ADM centre crop, 8-bit quantisation, PNG grids) and .npz files of
-uint8 images.
+Files in and out, shared by every script: downloads into the cache (hub files already on disk are used where they
+lie), weight files (safetensors read and written, torch), checkpoint dicts and the published layouts, the diffusers
+AutoencoderRAE folder format, images (the ADM centre crop, 8-bit quantisation, PNG grids) and .npz files of uint8
+images.
 """
 import contextlib
 import hashlib

@@ -1,7 +1,8 @@
 """
 Training plumbing shared by decoder_train.py (stage 1) and diffusion_train.py (stage 2): config overrides and
 checks, an ImageNet-style image folder and its resumable loader, EMA, checkpoints with exact resume, learning-rate
-schedules, the toy encoder of the smoke runs and the run log. The scripts show the order of use.
+schedules, the toy encoder of the smoke runs, the run log, the metrics files (and wandb) and the FLOP count of a
+training step. The scripts show the order of use.
 """
 import ast
 import contextlib

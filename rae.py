@@ -378,7 +378,6 @@ class RAE(nn.Module):
         resolution = resolution or 256
         if encoder not in ENCODERS:
             raise ValueError(f'unknown encoder {encoder!r}; choose one of {", ".join(ENCODERS)}')
-        key = (encoder, resolution)
         for given, table, what in [(decoder, RELEASED_DECODERS, 'decoder'), (stats, RELEASED_STATS, 'statistics')]:
             if given is None and key not in table:
                 have = ', '.join(f'{e}@{r}' for e, r in table)

@@ -66,8 +66,7 @@ class HubServer:
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     """A hub at HF_ENDPOINT serving REPO/FILE, with every cache and switch pointed into tmp_path or unset."""
-    for name in ('HF_HUB_CACHE', 'RAE_LOCAL_DIR', 'HF_HUB_OFFLINE', 'HF_TOKEN', 'XDG_CACHE_HOME'):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv('XDG_CACHE_HOME', raising=False)  # the rest is unset by conftest's no_user_hub_files
     monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
     monkeypatch.setenv('RAE_CACHE', str(tmp_path / 'rae'))
     s = HubServer()

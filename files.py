@@ -1,8 +1,7 @@
 """
 Files in and out, shared by every script: downloads into the cache (hub files already on disk are used where they
-lie), weight files (safetensors read and written, torch), checkpoint dicts and the published layouts, the diffusers
-AutoencoderRAE folder format, images (the ADM centre crop, 8-bit quantisation, PNG grids) and .npz files of uint8
-images.
+lie), weight files (safetensors read and written, torch), checkpoint dicts and the published layouts, images (the
+ADM centre crop, 8-bit quantisation, PNG grids) and .npz files of uint8 images.
 """
 import contextlib
 import hashlib
@@ -310,6 +309,14 @@ def model_state_dict(ckpt, path):
     return {re.sub(r'^((module|_orig_mod)\.)+', '', k): v for k, v in ckpt.items()}  # DDP, torch.compile wrappers
 
 
+def load_stats(path):
+    """Latent statistics {'mean': [C,h,w] or None, 'var': [C,h,w]} as written by the authors' stat script."""
+    stats = load_state_dict_file(path)
+    if not isinstance(stats, dict) or 'var' not in stats:
+        raise ValueError(f'{path}: not a latent statistics file (expected a dict with "mean" and "var")')
+    return stats.get('mean'), stats['var']
+
+
 def copy_weights(model, sd, path, names=None):
     """Copy {our name: tensor} into model after a count check and a shape check per tensor (nanoGPT's
     from_pretrained); names maps ours to the file's, so that an error names a key the user finds in the file."""
@@ -367,144 +374,6 @@ def published_state_dict(model, layout):
             v = v[0]
         out.update({layout[0] + t: part.clone().contiguous() for t, part in zip(theirs, v.chunk(len(theirs)))})
     return out
-
-
-# -----------------------------------------------------------------------------------------------------------
-# diffusers' AutoencoderRAE folders: config.json (AutoencoderRAE's 20 arguments) and one safetensors file holding
-# the whole model, encoder included, and four buffers; rae.py's DIFFUSERS_ENCODERS / PUBLISHED name its tensors.
-DIFFUSERS_WEIGHTS = 'diffusion_pytorch_model.safetensors'
-DIFFUSERS_CONFIG = {  # AutoencoderRAE's arguments and defaults in diffusers 0.42.1: what a config.json leaves out
-    'encoder_type': 'dinov2', 'encoder_hidden_size': 768, 'encoder_patch_size': 14, 'encoder_num_hidden_layers': 12,
-    'decoder_hidden_size': 512, 'decoder_num_hidden_layers': 8, 'decoder_num_attention_heads': 16,
-    'decoder_intermediate_size': 2048, 'patch_size': 16, 'encoder_input_size': 224, 'image_size': None,
-    'num_channels': 3, 'encoder_norm_mean': None, 'encoder_norm_std': None, 'latents_mean': None, 'latents_std': None,
-    'noise_tau': 0.0, 'reshape_to_2d': True, 'use_encoder_loss': False, 'scaling_factor': 1.0}
-# The image side each encoder's stored position table is for: diffusers builds the transformers model with it
-DIFFUSERS_POS_SIDE = {'dinov2': 518, 'siglip2': 256, 'mae': 224}
-HUB_REPO = re.compile(r'[\w.-]+/[\w.-]+')
-WEIGHT_SUFFIXES = ('.pt', '.pth', '.bin', '.ckpt', '.safetensors')
-
-
-def is_diffusers(source):
-    """Whether source names a diffusers AutoencoderRAE: a folder with a config.json (and no transformers weights),
-    or, when no such path exists, a hub repository id 'org/name'."""
-    if not isinstance(source, (str, os.PathLike)):
-        return False
-    path = Path(source)
-    if path.is_dir():
-        return (path / 'config.json').is_file() and not (path / 'model.safetensors').exists()
-    return not path.exists() and HUB_REPO.fullmatch(str(source)) is not None and path.suffix not in WEIGHT_SUFFIXES
-
-
-def read_diffusers(source):
-    """(config, state dict in float32, weights path) of a diffusers AutoencoderRAE folder or hub repository (its two
-    files downloaded once). The config has every argument, checked, and the values the model really uses: the
-    file's buffers win over config.json, as in diffusers (latents_* as tensors or None)."""
-    if Path(source).is_dir():
-        config, weights = Path(source) / 'config.json', Path(source) / DIFFUSERS_WEIGHTS
-        if not weights.is_file():
-            other = sorted(p.name for p in Path(source).glob('diffusion_pytorch_model*'))
-            raise FileNotFoundError(f'{source}: no {DIFFUSERS_WEIGHTS}' + (f' (found {", ".join(other)}: sharded, '
-                                    'a variant or .bin files are not read; save it again unsharded)' if other else ''))
-    else:
-        config, weights = (Path(download(hf_url(source, name))) for name in ('config.json', DIFFUSERS_WEIGHTS))
-    cfg = {**DIFFUSERS_CONFIG, **json.loads(config.read_text())}
-    t, C, p = cfg['encoder_type'], cfg['encoder_hidden_size'], cfg['encoder_patch_size']
-    g = cfg['encoder_input_size'] // p
-    for bad, why in [(t not in DIFFUSERS_POS_SIDE, f'encoder_type {t!r} is none of {", ".join(DIFFUSERS_POS_SIDE)}'),
-                     (cfg['encoder_input_size'] % p, 'encoder_input_size is not a multiple of encoder_patch_size'),
-                     (cfg['image_size'] not in (None, g * cfg['patch_size']), 'image_size is not patch_size * grid'),
-                     (C % 64, 'encoder_hidden_size is not a multiple of 64 (the encoder has width // 64 heads)'),
-                     (cfg['num_channels'] != 3, 'num_channels is not 3'),
-                     (not cfg['reshape_to_2d'], 'reshape_to_2d is false (latents as tokens; ours are 2D maps)'),
-                     (cfg['scaling_factor'] != 1.0, 'scaling_factor is not 1.0 (ours has none)')]:
-        if bad:
-            raise ValueError(f'{config}: {why}')
-    sd = {k: v.float() for k, v in load_safetensors(weights).items()}
-    for name, field in [('encoder_mean', 'encoder_norm_mean'), ('encoder_std', 'encoder_norm_std'),
-                        ('_latents_mean', 'latents_mean'), ('_latents_std', 'latents_std')]:
-        value = sd.pop(name, None)
-        if value is None and cfg[field] is not None:
-            value = torch.tensor(cfg[field]).float()
-        cfg[field] = value
-    for field in ('latents_mean', 'latents_std'):  # [1] or broadcast over [C, g, g]; a 1-D [C] would hit the width
-        v = cfg[field]
-        if v is not None and v.numel() > 1 and (v.ndim != 3 or torch.broadcast_shapes(v.shape, (C, g, g)) != (C, g, g)):
-            raise ValueError(f'{weights}: _{field} has shape {tuple(v.shape)}, expected [1] or [{C}, {g}, {g}]')
-    if cfg['latents_std'] is not None and not (cfg['latents_std'] > 0).all():
-        raise ValueError(f'{weights}: _latents_std has values <= 0')
-    for field in ('encoder_norm_mean', 'encoder_norm_std'):  # what Encoder(mean=, std=) takes
-        cfg[field] = None if cfg[field] is None else tuple(cfg[field].flatten().tolist())
-    return cfg, sd, weights
-
-
-def pick_layout(sd, layouts):
-    """The first of layouts (rae.PUBLISHED tables) whose first block's qkv is in sd, else the first one (its names
-    then appear in the missing-key error)."""
-    return next((lay for lay in layouts if lay[0] + published_names('blocks.0.attn.qkv.weight', lay)[0] in sd),
-                layouts[0])
-
-
-def diffusers_arch(cfg, sd, layout):
-    """(Encoder keywords, Decoder keywords) of a read_diffusers config; the position grid is read off the file."""
-    C, p = cfg['encoder_hidden_size'], cfg['encoder_patch_size']
-    encoder = dict(width=C, depth=cfg['encoder_num_hidden_layers'], heads=C // 64, patch=p,
-                   input_size=cfg['encoder_input_size'])
-    pos = sd.get(layout[0] + layout[1]['pos_embed'])
-    if pos is not None:  # [1, 1 + n^2, C] or SigLIP's [n^2, C]: isqrt gives n either way
-        encoder['pos_grid'] = math.isqrt(pos.shape[-2])
-    decoder = dict(token_dim=C, width=cfg['decoder_hidden_size'], depth=cfg['decoder_num_hidden_layers'],
-                   heads=cfg['decoder_num_attention_heads'], mlp_hidden=cfg['decoder_intermediate_size'],
-                   grid=cfg['encoder_input_size'] // p, patch=cfg['patch_size'])
-    return encoder, decoder
-
-
-def diffusers_extras(encoder_type, prefix, width):
-    """Tensors diffusers' encoders hold that RAE never uses, as zeros: diffusers does not fail on missing keys, it
-    leaves them random and logs it, so a file we write carries them all."""
-    if encoder_type == 'dinov2':
-        return {prefix + 'embeddings.mask_token': torch.zeros(1, width)}
-    if encoder_type != 'siglip2':
-        return {}
-    head = {'probe': (1, 1, width), 'attention.in_proj_weight': (3 * width, width),
-            'attention.in_proj_bias': (3 * width,), 'attention.out_proj.weight': (width, width),
-            'attention.out_proj.bias': (width,), 'layernorm.weight': (width,), 'layernorm.bias': (width,),
-            'mlp.fc1.weight': (3072, width), 'mlp.fc1.bias': (3072,), 'mlp.fc2.weight': (width, 3072),
-            'mlp.fc2.bias': (width,)}  # SigLIP's attention-pooling head; its MLP is 3072 wide at any width
-    return {f'{prefix}head.{k}': torch.zeros(shape) for k, shape in head.items()}
-
-
-def save_diffusers(folder, model, tensors, prefix):
-    """Write rae.RAE `model` as a diffusers AutoencoderRAE folder; tensors: its encoder (names under prefix) and
-    decoder in diffusers' names. Refuses what diffusers would load without an error but run differently."""
-    enc, dec = model.encoder, model.decoder
-    C, t, g = enc.patch_embed.out_channels, enc.layout, enc.input_size // enc.patch
-    for bad, why in [(enc.blocks[0].attn.heads != C // 64, f'{enc.blocks[0].attn.heads} encoder heads; diffusers '
-                      f'builds width // 64 = {C // 64}'),
-                     (enc.input_size % enc.patch, f'input size {enc.input_size} is not a multiple of the patch'),
-                     (math.isqrt(enc.pos_embed.shape[1]) != DIFFUSERS_POS_SIDE[t] // enc.patch,
-                      f'a {math.isqrt(enc.pos_embed.shape[1])}-wide position grid; diffusers stores '
-                      f'{DIFFUSERS_POS_SIDE[t] // enc.patch} for {t} at patch {enc.patch}'),
-                     (dec.grid != g, f'a decoder grid of {dec.grid} for {g} x {g} encoder tokens')]:
-        if bad:
-            raise ValueError(f'{enc.name} + decoder cannot be written for diffusers: {why}')
-    mean, std = (torch.atleast_1d(b.detach().float().cpu()) for b in (model.latent_mean, model.latent_std))
-    config = dict(DIFFUSERS_CONFIG, _class_name='AutoencoderRAE', _diffusers_version='0.42.1', encoder_type=t,
-                  encoder_hidden_size=C, encoder_patch_size=enc.patch, encoder_num_hidden_layers=len(enc.blocks),
-                  decoder_hidden_size=dec.embed.out_features, decoder_num_hidden_layers=len(dec.blocks),
-                  decoder_num_attention_heads=dec.blocks[0].attn.heads,
-                  decoder_intermediate_size=dec.blocks[0].fc1.out_features, patch_size=dec.patch,
-                  encoder_input_size=enc.input_size, image_size=g * dec.patch,
-                  encoder_norm_mean=model.pixel_mean.flatten().tolist(),
-                  encoder_norm_std=model.pixel_std.flatten().tolist(), latents_mean=mean.tolist(),
-                  latents_std=std.tolist(), noise_tau=float(model.noise_tau))
-    buffers = {'encoder_mean': model.pixel_mean, 'encoder_std': model.pixel_std, '_latents_mean': mean,
-               '_latents_std': std}
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_safetensors({**tensors, **diffusers_extras(t, prefix, C), **buffers}, folder / DIFFUSERS_WEIGHTS,
-                     metadata={'format': 'pt'})
-    (folder / 'config.json').write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 # -----------------------------------------------------------------------------------------------------------

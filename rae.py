@@ -9,7 +9,8 @@ An image's way through this file, top to bottom:
     -> sampler: integrate dx/dt = v from t = 1 (noise) to t ~ 0 (data)                  latent
     -> RAE.decode: a trained ViT decoder maps tokens back to pixels                     images [B,3,256,256]
 
-Downloads and file formats live in files.py; what stays here is what loads the published weights into each model.
+Downloads and file formats live in files.py (diffusers' AutoencoderRAE folders in diffusers_format.py); what stays
+here is what loads the published weights into each model.
 """
 import math
 
@@ -19,8 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from files import (copy_weights, diffusers_arch, download, hf_url, is_diffusers, load_published, load_state_dict_file,
-                   model_state_dict, pick_layout, published_state_dict, read_diffusers, save_diffusers)
+from files import copy_weights, download, hf_url, load_published, load_state_dict_file, load_stats, model_state_dict
 
 HF_REPO = 'nyu-visionx/RAE-collections'  # the authors' released decoders, statistics and DiTs
 
@@ -122,28 +122,7 @@ PUBLISHED = {
                              'fc1': 'mlp.fc1', 'fc2': 'mlp.fc2'}),
     'decoder': ('', {'embed': 'decoder_embed', 'cls_token': 'trainable_cls_token', 'pos_embed': 'decoder_pos_embed',
                      'norm': 'decoder_norm', 'pred': 'decoder_pred'}, 'decoder_layers.{i}.', _HF_VIT_BLOCK),
-    # diffusers' AutoencoderRAE decoder: the released names under decoder., but for diffusers' own attention module
-    'diffusers-decoder': ('decoder.', {'embed': 'decoder_embed', 'cls_token': 'trainable_cls_token',
-                                       'pos_embed': 'decoder_pos_embed', 'norm': 'decoder_norm',
-                                       'pred': 'decoder_pred'},
-                          'decoder_layers.{i}.', {'norm1': 'layernorm_before', 'attn.proj': 'attention.to_out.0',
-                                                  'attn.qkv': ('attention.to_q', 'attention.to_k', 'attention.to_v'),
-                                                  'norm2': 'layernorm_after', 'fc1': 'intermediate.dense',
-                                                  'fc2': 'output.dense'}),
 }
-# diffusers' files hold the encoder under its transformers model's names in memory, renamed in transformers 5.18
-# (DINOv2), 5.9 (MAE) and 5.6 (SigLIP, one level flatter). Per encoder_type: (the renamed layout, which we write
-# for the pinned transformers; the earlier one, the hub checkpoints' names). Both are read.
-_T5_ATTN = {'attn.qkv': ('attention.q_proj', 'attention.k_proj', 'attention.v_proj'), 'attn.proj': 'attention.o_proj'}
-DIFFUSERS_ENCODERS = {
-    'dinov2': (('encoder.', PUBLISHED['dinov2'][1], 'encoder.layer.{i}.', {**PUBLISHED['dinov2'][3], **_T5_ATTN}),
-               ('encoder.', *PUBLISHED['dinov2'][1:])),
-    'mae': (('encoder.', PUBLISHED['mae'][1], 'layers.{i}.', {'norm1': 'layernorm_before', 'norm2': 'layernorm_after',
-                                                               'fc1': 'mlp.fc1', 'fc2': 'mlp.fc2', **_T5_ATTN}),
-            ('encoder.', *PUBLISHED['mae'][1:])),
-    'siglip2': (('encoder.', *PUBLISHED['siglip2'][1:]), ('encoder.vision_model.', *PUBLISHED['siglip2'][1:])),
-}
-
 
 class Encoder(nn.Module):
     """A frozen ViT representation encoder: images in [0,1] -> normalised patch tokens [B, N, C]."""
@@ -303,14 +282,6 @@ def decoder_arch(config):
                 grid=config['image_size'] // config['decoder_patch'], patch=config['decoder_patch'])
 
 
-def load_stats(path):
-    """Latent statistics {'mean': [C,h,w] or None, 'var': [C,h,w]} as written by the authors' stat script."""
-    stats = load_state_dict_file(path)
-    if not isinstance(stats, dict) or 'var' not in stats:
-        raise ValueError(f'{path}: not a latent statistics file (expected a dict with "mean" and "var")')
-    return stats.get('mean'), stats['var']
-
-
 class RAE(nn.Module):
     """Frozen encoder + trained decoder; the latent is the encoder's token map, normalised per channel+position."""
 
@@ -372,6 +343,7 @@ class RAE(nn.Module):
         key = (encoder, resolution or 256)
         if decoder is None and key not in RELEASED_DECODERS:
             decoder = RELEASED_DIFFUSERS.get(key)
+        from diffusers_format import is_diffusers  # the diffusers folder format builds on this module
         if encoder not in ENCODERS and is_diffusers(encoder) or is_diffusers(decoder):
             source, name = (decoder, encoder) if encoder in ENCODERS else (encoder, None)
             return cls.from_diffusers(source, name, resolution, stats, load_encoder)
@@ -403,49 +375,18 @@ class RAE(nn.Module):
 
     @classmethod
     def from_diffusers(cls, source, encoder=None, resolution=None, stats=None, load_encoder=True):
-        """An RAE from a diffusers AutoencoderRAE folder or hub repository: its config sizes both models (the encoder
-        a preset, or its family's with other sizes), its file holds their weights and the statistics. encoder and
-        resolution, when given, must be what the file holds; stats and load_encoder as in from_pretrained."""
-        cfg, sd, path = read_diffusers(source)
-        layout = pick_layout(sd, DIFFUSERS_ENCODERS[cfg['encoder_type']])
-        enc_kw, dec_kw = diffusers_arch(cfg, sd, layout)
-        t, size = cfg['encoder_type'], dec_kw['grid'] * dec_kw['patch']
-        preset = next((n for n, e in ENCODERS.items() if e['layout'] == t and all(e[k] == enc_kw[k] for k in
-                                                                                ('width', 'depth', 'patch'))), None)
-        if (encoder not in (None, preset) and (preset or ENCODERS[encoder]['layout'] != t)
-                or resolution not in (None, size)):
-            raise ValueError(f'{path}: an RAE for {preset or t} at {size} px, not {encoder or preset} at '
-                             f'{resolution or size} px')
-        dec = load_published(Decoder(**dec_kw), sd, PUBLISHED['diffusers-decoder'], path, optional=('pos_embed',))
-        pixel_mean, pixel_std = cfg['encoder_norm_mean'] or IMAGENET_MEAN, cfg['encoder_norm_std'] or IMAGENET_STD
-        enc = None
-        if load_encoder:
-            base = preset or next(n for n, e in ENCODERS.items() if e['layout'] == t)  # sizes from enc_kw anyway
-            enc = Encoder(**dict(ENCODERS[base], name=preset or t, mean=pixel_mean, std=pixel_std, **enc_kw))
-            load_published(enc, sd, layout, path)
-        mean, var, std = cfg['latents_mean'], None, cfg['latents_std']
-        if stats is not None:  # a statistics file instead, or False: none
-            (mean, var), std = (load_stats(stats) if stats is not False else (None, None)), None
-        model = cls(enc, dec, mean, var, cfg['noise_tau'], pixel_mean, pixel_std)
-        if std is not None:
-            # The statistics convention: a diffusers file stores s = latents_std = sqrt(var + 1e-5), the authors'
-            # var and eps, and diffusers' encode divides by s + 1e-5, a second eps. The authors' RAE and ours divide
-            # by sqrt(var + 1e-5) = s, so s is our latent_std as it is (no round trip through var) and our encode
-            # is the authors'; diffusers' own latent is ours * s / (s + 1e-5), 1e-5 / s relative (2e-5 at s = 0.5).
-            # save_pretrained writes latent_std back as s.
-            model.latent_std = std
-        return model.eval()
+        """An RAE from a diffusers AutoencoderRAE folder or hub repository (diffusers_format.py reads the format).
+        encoder and resolution, when given, must be what the file holds; stats and load_encoder as in
+        from_pretrained."""
+        import diffusers_format  # it builds on this module
+        return diffusers_format.load_rae(source, encoder, resolution, stats, load_encoder)
 
     def save_pretrained(self, folder, classic=False):
         """This RAE as a diffusers AutoencoderRAE folder (config.json, diffusion_pytorch_model.safetensors) that
         AutoencoderRAE.from_pretrained and from_diffusers load: the encoder under the names of transformers >= 5.18
-        (DINOv2), 5.9 (MAE), 5.6 (SigLIP), or with classic=True of earlier versions (DIFFUSERS_ENCODERS)."""
-        if self.encoder is None or self.encoder.layout not in DIFFUSERS_ENCODERS:
-            raise ValueError('save_pretrained needs the DINOv2, SigLIP2 or MAE encoder: diffusers files carry it')
-        layout = DIFFUSERS_ENCODERS[self.encoder.layout][int(classic)]
-        tensors = {**published_state_dict(self.encoder, layout),
-                   **published_state_dict(self.decoder, PUBLISHED['diffusers-decoder'])}
-        save_diffusers(folder, self, tensors, layout[0])
+        (DINOv2), 5.9 (MAE), 5.6 (SigLIP), or with classic=True of earlier versions."""
+        import diffusers_format
+        diffusers_format.save_rae(self, folder, classic)
 
 
 # -----------------------------------------------------------------------------------------------------------

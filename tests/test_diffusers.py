@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 
+import diffusers_format
 import files
 import rae
 
@@ -75,7 +76,7 @@ def assert_same_outputs(ours, m, x):
 
 def assert_loaded_everything(folder, m):
     """diffusers leaves missing keys random (it only logs them): every tensor it holds must be the file's."""
-    written = files.load_safetensors(folder / files.DIFFUSERS_WEIGHTS)
+    written = files.load_safetensors(folder / diffusers_format.WEIGHTS)
     loaded = m.state_dict()
     assert set(loaded) <= set(written), f'not in our file: {sorted(set(loaded) - set(written))[:3]}'
     assert set(written) - set(loaded) <= {'decoder.decoder_pos_embed'}  # stored for us, diffusers recomputes it
@@ -150,18 +151,18 @@ def test_the_older_transformers_names_load_the_same_model(tmp_path, encoder_type
     m = diffusers_rae(encoder_type, width, 2, patch, input_size)
     m.save_pretrained(tmp_path / 'new')
     m.encoder.save_pretrained(tmp_path / 'hub')
-    sd = {k: v for k, v in files.load_safetensors(tmp_path / 'new' / files.DIFFUSERS_WEIGHTS).items()
+    sd = {k: v for k, v in files.load_safetensors(tmp_path / 'new' / diffusers_format.WEIGHTS).items()
           if not k.startswith('encoder.')}
     sd |= {'encoder.' + k: v for k, v in files.load_safetensors(tmp_path / 'hub' / 'model.safetensors').items()}
     (tmp_path / 'old').mkdir()
     (tmp_path / 'old' / 'config.json').write_text((tmp_path / 'new' / 'config.json').read_text())
-    files.save_safetensors(sd, tmp_path / 'old' / files.DIFFUSERS_WEIGHTS)
+    files.save_safetensors(sd, tmp_path / 'old' / diffusers_format.WEIGHTS)
     new, old = (rae.RAE.from_pretrained(str(tmp_path / n)) for n in ('new', 'old'))
     x = torch.rand(2, 3, 256, 256)
     with torch.no_grad():
         torch.testing.assert_close(old(x), new(x), rtol=0, atol=0)
     new.save_pretrained(tmp_path / 'classic', classic=True)
-    classic = files.load_safetensors(tmp_path / 'classic' / files.DIFFUSERS_WEIGHTS)
+    classic = files.load_safetensors(tmp_path / 'classic' / diffusers_format.WEIGHTS)
     for k, v in sd.items():
         if k != 'encoder.embeddings.mask_token':
             assert torch.equal(classic[k], v), k
@@ -176,9 +177,9 @@ def test_a_stored_decoder_position_table_is_used_and_ours_otherwise(tmp_path):
     ours = rae.RAE.from_pretrained(str(tmp_path / 'd'), resolution=512)
     table = torch.cat([torch.zeros(1, 64), rae.sincos_2d(64, 32)])[None]
     assert torch.equal(ours.decoder.pos_embed, table) and not torch.allclose(table, m.decoder.decoder_pos_embed)
-    sd = files.load_safetensors(tmp_path / 'd' / files.DIFFUSERS_WEIGHTS)
+    sd = files.load_safetensors(tmp_path / 'd' / diffusers_format.WEIGHTS)
     files.save_safetensors(sd | {'decoder.decoder_pos_embed': m.decoder.decoder_pos_embed},
-                           tmp_path / 'd' / files.DIFFUSERS_WEIGHTS)
+                           tmp_path / 'd' / diffusers_format.WEIGHTS)
     ours = rae.RAE.from_pretrained(str(tmp_path / 'd'))
     assert_same_outputs(ours, m, torch.rand(1, 3, 512, 512))
 
@@ -246,8 +247,8 @@ def test_siglip2_folders_are_written_and_read_under_both_spellings(tmp_path):
     ours = our_rae('siglip2-b', depth=2)
     ours.save_pretrained(tmp_path / 'flat')
     ours.save_pretrained(tmp_path / 'nested', classic=True)
-    flat = files.load_safetensors(tmp_path / 'flat' / files.DIFFUSERS_WEIGHTS)
-    nested = files.load_safetensors(tmp_path / 'nested' / files.DIFFUSERS_WEIGHTS)
+    flat = files.load_safetensors(tmp_path / 'flat' / diffusers_format.WEIGHTS)
+    nested = files.load_safetensors(tmp_path / 'nested' / diffusers_format.WEIGHTS)
     config = json.loads((tmp_path / 'flat' / 'config.json').read_text())
     assert config['encoder_type'] == 'siglip2' and config['encoder_norm_mean'] == [0.5] * 3
     siglip = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
@@ -315,14 +316,14 @@ def one_line(excinfo):
 def test_bad_folders_are_one_line_errors(tmp_path):
     good = tmp_path / 'good'
     our_rae('dinov2-b', 128).save_pretrained(good)
-    sd = files.load_safetensors(good / files.DIFFUSERS_WEIGHTS)
+    sd = files.load_safetensors(good / diffusers_format.WEIGHTS)
     config = json.loads((good / 'config.json').read_text())
 
     def folder(name, cfg=None, tensors=None):
         (tmp_path / name).mkdir()
         (tmp_path / name / 'config.json').write_text(json.dumps(config | (cfg or {})))
         if tensors is not None:
-            files.save_safetensors(tensors, tmp_path / name / files.DIFFUSERS_WEIGHTS)
+            files.save_safetensors(tensors, tmp_path / name / diffusers_format.WEIGHTS)
         return str(tmp_path / name)
 
     cases = [(folder('scaled', {'scaling_factor': 0.5}, sd), ValueError, r'scaling_factor is not 1\.0'),
@@ -339,5 +340,5 @@ def test_bad_folders_are_one_line_errors(tmp_path):
         with pytest.raises(error) as e:
             rae.RAE.from_pretrained(source)
         assert re.search(message, one_line(e)), (source, one_line(e))
-    assert files.is_diffusers(str(good)) and files.is_diffusers('org/name') and not files.is_diffusers('a/b.pt')
+    assert diffusers_format.is_diffusers(str(good)) and diffusers_format.is_diffusers('org/name') and not diffusers_format.is_diffusers('a/b.pt')
     assert math.isqrt(sd['encoder.embeddings.position_embeddings'].shape[1]) == 37  # 518 px at patch 14

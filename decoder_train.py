@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
@@ -36,7 +35,7 @@ from files import center_crop_arr, download, load_state_dict_file, open_rgb, sav
 from runtime import barrier, choose_precision, cleanup_ddp, one_line_errors, print0, rank0_first, set_tf32, setup_ddp
 from training import (ImageFolder, Metrics, check_config, configure, latest_checkpoint, lr_warmup_cosine, make_ema,
                       make_loader, resume, save_checkpoint, start_log, unreadable, unwrap, update_ema,
-                      write_toy_encoder)
+                      write_toy_encoder, write_toy_images)
 
 _imported = set(globals())  # the config is what the block below defines
 # -----------------------------------------------------------------------------------------------------------
@@ -298,11 +297,6 @@ class Discriminator(nn.Module):
         """Images [B, 3, H, W] in [-1, 1] -> logits [B, heads * N], one per token per head."""
         return torch.cat([head(f).flatten(1) for head, f in zip(self.heads, self.features(x))], dim=1)
 
-    @classmethod
-    def from_pretrained(cls, weights=None, key_depths=(2, 5, 8, 11), **overrides):
-        """Heads on the published DINO ViT-S/8 (downloaded unless weights is a local file; overrides: a tiny one)."""
-        return cls(rae.Encoder.from_pretrained('dino-s8', weights, **overrides), key_depths)
-
 
 # -----------------------------------------------------------------------------------------------------------
 # DiffAugment (Zhao et al. 2020), the StyleGAN-T variant: applied to real and fake images before D
@@ -477,7 +471,7 @@ def evaluate(model, folder, image_size, n=0, reference=None, inception=None, bat
 
 def write_toy(c, seed=0):
     """Random-weight stand-ins in the published layouts for each weight file config c names that does not exist,
-    and 64 synthetic images (ellipses on gradients, 48-96 px) if c's data_path is missing: loading code runs as is."""
+    and 2 x 32 synthetic images (training.write_toy_images) if c's data_path is missing: loading code runs as is."""
     torch.manual_seed(seed)
     for weights, name, overrides in [(c['encoder_weights'], c['encoder'], c['encoder_overrides']),
                                      (c['disc_weights'], 'dino-s8', c['disc_overrides'])]:
@@ -492,17 +486,7 @@ def write_toy(c, seed=0):
             torch.save({k: v.detach().clone().contiguous() for k, v in sd.items()}, path)
             print0(f'toy: wrote {path} (torchvision VGG16 / LPIPS heads layout, random weights)')
     if not os.path.exists(c['data_path']):
-        rng = np.random.default_rng(seed)
-        for i in range(64):  # class0/000.png ... class1/031.png
-            h, w = rng.integers(48, 97, size=2)
-            yy, xx = (g[..., None] / max(h, w) for g in np.mgrid[:h, :w])  # [h, w, 1]
-            img = rng.uniform(.2, .8, 3) + rng.uniform(-.5, .5, 3) * xx + rng.uniform(-.5, .5, 3) * yy
-            for _ in range(3):
-                cy, cx, ry, rx = rng.uniform(0, 1, 2).tolist() + rng.uniform(0.1, 0.4, 2).tolist()
-                img[(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1)[..., 0]] = rng.uniform(0, 1, 3)
-            path = os.path.join(c['data_path'], f'class{i // 32}', f'{i % 32:03d}.png')
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(path)
+        write_toy_images(c['data_path'], 2, 32, c['image_size'] * 3 // 2, seed)
         print0(f'toy: wrote 64 synthetic images to {c["data_path"]}')
 
 
@@ -560,7 +544,8 @@ def main(argv):
             enc = rae.Encoder.from_pretrained(encoder, encoder_weights, image_size // decoder_patch * patch,
                                               **(encoder_overrides or {}))  # DINOv2: 224 px, 16 x 16 tokens at 256
             lpips = LPIPS.from_pretrained(*(lpips_weights or (None, None))).to(dev)
-            disc = Discriminator.from_pretrained(disc_weights, disc_key_depths, **(disc_overrides or {})).to(dev)
+            dino = rae.Encoder.from_pretrained('dino-s8', disc_weights, **(disc_overrides or {}))  # published ViT-S/8
+            disc = Discriminator(dino, disc_key_depths).to(dev)  # with fresh heads
     if mode == 'reconstruct':  # the ADM centre crop and its reconstruction, side by side
         crop = np.array(center_crop_arr(photo, image_size))
         x = torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(255).to(dev)
@@ -580,8 +565,8 @@ def main(argv):
     dec.grad_checkpoint = grad_checkpoint  # read by rae.run_block in training forwards only
     autoencoder = rae.RAE(enc, dec, noise_tau=noise_tau).to(dev)  # raw tokens: latent statistics are for stage 2
     ema = make_ema(dec)  # before compiling (README: differences)
-    opt = torch.optim.AdamW(dec.parameters(), lr, betas, weight_decay=weight_decay, fused=dev.type == 'cuda')
-    opt_d = torch.optim.AdamW(disc.parameters(), lr, betas, weight_decay=weight_decay, fused=dev.type == 'cuda')
+    opt, opt_d = (torch.optim.AdamW(m.parameters(), lr, betas, weight_decay=weight_decay, fused=dev.type == 'cuda')
+                  for m in (dec, disc))  # the decoder's and the discriminator heads'
     if compile:
         torch._functorch.config.donated_buffer = False  # lambda backpropagates the graph thrice (retain_graph)
         autoencoder, lpips = torch.compile(autoencoder), torch.compile(lpips)
@@ -636,7 +621,6 @@ def main(argv):
                     f'{n * global_batch / seconds:.1f} img/s{skipped}')
                 metrics.log(step, epoch=epoch, **dict(zip(keys, means.tolist())), lr=lr_now,
                             img_per_s=n * global_batch / seconds)
-                metrics.plot()
                 stats, t0 = defaultdict(list), time.perf_counter()
             if (ckpt_every and step % ckpt_every == 0) or batch == steps_per_epoch:
                 save_checkpoint(ckpt_dir, step=step, epoch=epoch, batch=batch, config=config, keep=ckpt_keep,

@@ -14,7 +14,6 @@ t is logit-normal (or uniform) on [0, 0.999], shifted towards noise by alpha = s
 The eps, t and label drop of a sample are seeded by (global_seed, step, its row in the global batch) (rae.step_draws):
 a run gives the same numbers on 1 or 8 GPUs, with or without gradient accumulation, and after a resume.
 """
-import colorsys
 import contextlib
 import functools
 import math
@@ -25,7 +24,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
@@ -33,7 +31,8 @@ from files import save_grid, to_uint8
 from rae import RAE, Decoder, build_dit, decoder_arch, flow_loss, guided_velocity, sample_ode, shift_alpha, step_draws
 from runtime import barrier, choose_precision, cleanup_ddp, one_line_errors, print0, rank0_first, set_tf32, setup_ddp
 from training import (ImageFolder, Metrics, check_config, configure, lr_linear_decay, make_ema, make_loader, resume,
-                      save_checkpoint, start_log, step_flops, unreadable, update_ema, write_toy_encoder)
+                      save_checkpoint, start_log, step_flops, unreadable, update_ema, write_toy_encoder,
+                      write_toy_images)
 
 _imported = set(globals())  # the config is what the block below defines
 # -----------------------------------------------------------------------------------------------------------
@@ -405,7 +404,6 @@ def main(argv):
                 f'lr {lr_now:.3e} | {n / dt:.2f} steps/s | {n * global_batch / dt:.1f} img/s{skipped}')
             metrics.log(step, epoch=epoch, loss=loss_mean, grad_norm=grad_mean, lr=lr_now,
                         img_per_s=n * global_batch / dt)
-            metrics.plot()
             sums.zero_()
         if is_master and sample_every and (step % sample_every == 0 or step == total_steps):
             y = torch.tensor(sample_classes, device=dev)
@@ -436,16 +434,7 @@ def main(argv):
 def make_toy(data_path, encoder_file, decoder_file, image_size, encoder, overrides, num_classes, per_class=24):
     """Write data_path/class<k>/<i>.png (a coloured square on a background of the class's hue, random sizes),
     a tiny random DINOv2 encoder (hub layout) and a matching random decoder (our layout)."""
-    rng = np.random.default_rng(0)
-    for c in range(num_classes):
-        os.makedirs(os.path.join(data_path, f'class{c:03d}'), exist_ok=True)
-        colour = 255 * np.array(colorsys.hsv_to_rgb(c / num_classes, 0.8, 0.9))
-        for i in range(per_class):
-            h, w = rng.integers(image_size, image_size * 3 // 2, size=2)
-            img = np.clip(colour + rng.normal(0, 20, (h, w, 3)), 0, 255)
-            top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
-            img[top:top + h // 3, left:left + w // 3] = 255 - colour
-            Image.fromarray(img.astype(np.uint8)).save(os.path.join(data_path, f'class{c:03d}', f'{i:03d}.png'))
+    write_toy_images(data_path, num_classes, per_class, image_size)
     enc = write_toy_encoder(encoder_file, encoder, overrides)
     grid = enc.input_size // enc.patch
     run = dict(encoder=encoder, encoder_overrides=overrides, decoder_size='XL', decoder_patch=image_size // grid,

@@ -1,10 +1,11 @@
 """
 Training plumbing shared by decoder_train.py (stage 1) and diffusion_train.py (stage 2): config overrides and
 checks, an ImageNet-style image folder and its resumable loader, EMA, checkpoints with exact resume, learning-rate
-schedules, the toy encoder of the smoke runs, the run log, the metrics files (and wandb) and the FLOP count of a
-training step. The scripts show the order of use.
+schedules, the toy encoder and images of the smoke runs, the run log, the metrics files (and wandb) and the FLOP
+count of a training step. The scripts show the order of use.
 """
 import ast
+import colorsys
 import contextlib
 import copy
 import errno
@@ -388,6 +389,21 @@ def write_toy_encoder(path, name='dinov2-b', overrides=None, seed=0):
     return enc
 
 
+def write_toy_images(folder, num_classes, per_class, size, seed=0):
+    """folder/class<k>/<i>.png for the smoke runs: a noisy background of class k's hue with a square of the opposite
+    colour at a random place, sides in [size, 1.5 size): classes a tiny model tells apart, crops that differ."""
+    rng = np.random.default_rng(seed)
+    for c in range(num_classes):
+        os.makedirs(os.path.join(folder, f'class{c:03d}'), exist_ok=True)
+        colour = 255 * np.array(colorsys.hsv_to_rgb(c / num_classes, 0.8, 0.9))
+        for i in range(per_class):
+            h, w = rng.integers(size, size * 3 // 2, size=2)
+            img = np.clip(colour + rng.normal(0, 20, (h, w, 3)), 0, 255)
+            top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
+            img[top:top + h // 3, left:left + w // 3] = 255 - colour
+            Image.fromarray(img.astype(np.uint8)).save(os.path.join(folder, f'class{c:03d}', f'{i:03d}.png'))
+
+
 def start_log(out_dir, config, device):
     """Rank 0 appends a header (git commit, torch, device, command, config as a loadable config file) to
     out_dir/log.txt; returns log(msg), which prints and appends on rank 0 and does nothing elsewhere."""
@@ -454,13 +470,14 @@ class Metrics:
                                     config=config)
 
     def log(self, step, **values):
-        """Append {'step': step, **values} (numbers as Python floats/ints) and send it to wandb."""
+        """Append {'step': step, **values} (numbers as Python floats/ints), redraw loss.png, send it to wandb."""
         if not self.active:
             return
         record = {'step': step, **{k: v if isinstance(v, (int, str)) else float(v) for k, v in values.items()}}
         self.records.append(record)
         with open(self.path, 'a') as f:
             f.write(json.dumps(record) + '\n')
+        self.plot()
         if self.wandb is not None:
             self.wandb.log(record, step=step)
 

@@ -9,7 +9,7 @@
 #
 # toy=True writes, on first use, random-weight stand-ins for the weight files named below, in the published
 # layouts (DINOv2 hub names, DINO v1 timm names, torchvision VGG16 + LPIPS heads), so the real loading code runs,
-# and 64 synthetic images (48-96 px) into data_path.
+# and 2 x 32 synthetic images (48-71 px) into data_path.
 toy = True
 out_dir = 'runs/decoder-tiny'
 data_path = 'runs/decoder-tiny/toy/images'

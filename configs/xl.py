@@ -37,7 +37,7 @@ precision = 'auto'               # bf16 autocast on GPUs with bf16 (A100, H100, 
                                  # recommend fp32 for stability; bf16 has twice TF32's matmul peak on those
 compile = True
 global_seed = 0
-workers = 8
+workers = 8                      # 3 per GPU keep up with 45% MFU from JPEGs, 1 from the cache (bench/bench_data.py)
 log_every = 100
 sample_every = 10000
 ckpt_every = 5000                # ~4 epochs; keep the last 3

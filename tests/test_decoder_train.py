@@ -411,7 +411,7 @@ def write_toy(d, **changes):
 def toy(tmp_path_factory):
     d = tmp_path_factory.mktemp('toy')
     write_toy(d)
-    (d / 'images' / 'class0' / '999_corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n not an image')
+    (d / 'images' / 'class000' / '999_corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n not an image')
     return d
 
 
@@ -720,7 +720,7 @@ def test_reconstruct_writes_crop_and_reconstruction_side_by_side(runs, toy, tmp_
     try:
         photo = Image.fromarray(__import__('skimage.data').data.chelsea())  # a real photo, 451 x 300
     except ImportError:
-        photo = Image.open(sorted((toy / 'images' / 'class1').iterdir())[0])
+        photo = Image.open(sorted((toy / 'images' / 'class001').iterdir())[0])
     photo.save(tmp_path / 'photo.png')
     r = run(*toy_args(toy), '--mode=reconstruct', f'--image={tmp_path}/photo.png', f'--recon_out={tmp_path}/pair.png',
             out_dir=d / 'a')

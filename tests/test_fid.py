@@ -323,7 +323,9 @@ def test_fid_golden_sqrtm_eps_fallback(monkeypatch):
         first_finite = np.isfinite(scipy.linalg.sqrtm(sig_a @ sig_b)).all()
     fd = fid.frechet_distance(mu_a, sig_a, mu_b, sig_b)
     expected = e['eps_fd_exact_eigvals'] if first_finite else e['eps_fd_ab']
-    assert abs(fd - expected.item()) < 1e-9
+    # a finite sqrtm of a singular product is as accurate as the LAPACK build makes it (2.7e-9 relative seen with
+    # scipy 1.17.1's OpenBLAS); the eps retry is well conditioned and matches the evaluator to 1e-9
+    assert abs(fd - expected.item()) < (1e-8 * expected.item() if first_finite else 1e-9)
     # replay the evaluator's outcome: the first sqrtm non-finite -> eps added to both covariances, one retry
     calls, real = [], fid._sqrtm
 

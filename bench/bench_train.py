@@ -18,7 +18,9 @@ What it prints, top to bottom:
     and the speed-up over the first row (house rule: ratios against a baseline measured in the same run)
   - saved MB: what autograd keeps for backward in one step (eager rows on a CPU; the weights aside, their bf16
     casts under autocast included), with and without --checkpoint; on a GPU the peak allocated memory instead
-  - bf16 against fp32, checkpointing against none: the step-time ratios, on this machine
+  - bf16 against fp32, checkpointing against none (step time, and saved memory), auto against the better of fp32
+    and bf16: the ratios on this machine, next to the targets (checkpointing <= 1.35x the time for >= 2x less
+    memory; auto never slower)
   - --analytic: the counted forward against an analytic count from the layer sizes (ratio ~1.000 expected), and
     for DiT^DH-XL the paper's Table 18 figure (145.03 "GFlops" = GMACs forward per 256 px image). The paper counts
     the head's adaLN modulation once per image; in the released model the head is modulated per token (its
@@ -46,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import diffusion_train as dt  # noqa: E402
 from rae import DDT_HEAD, DIT_SIZES, ENCODERS, RAE, Encoder, build_dit, flow_loss, shift_alpha, step_draws  # noqa
 from runtime import choose_precision, set_tf32  # noqa: E402
-from training import ImageFolder, make_ema, meta_like, step_flops, update_ema  # noqa: E402
+from training import ImageFolder, make_ema, step_flops, update_ema  # noqa: E402
 
 # Dense (no sparsity) datasheet peaks in TFLOP/s by a substring of torch.cuda.get_device_name: (bf16, fp32 as TF32).
 # Checked in order, so the more specific names come first ('H100 PCIe' before 'H100', 'A100' before 'A10').
@@ -238,7 +240,7 @@ def main():
         sources = dict(zip(('cache', 'images'), make_sources(tmp, a.batch, latent_shape)))
         print(f'{"precision":>11} {"mode":>8} {"source":>7} {"ckpt":>4} {"warm-up s":>10} {"ms/step":>9} {"img/s":>8} '
               f'{"TFLOP/s":>8} {"MFU":>6} {"saved MB":>9} {"speed-up":>9}')
-        baseline, ms_of = None, {}  # ms/step of the first row (fp32 eager from the cache by default), of every row
+        baseline, ms_of, mb_of = None, {}, {}  # ms/step of the first row (fp32 eager, cache), ms and MB of each row
         for precision, checkpoint in itertools.product(precisions, map(int, a.checkpoint.split(','))):
             ctx = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=resolved[precision] == 'bf16')
             for compiled in map(int, a.compile.split(',')):
@@ -307,6 +309,7 @@ def main():
                     baseline = baseline or ms
                     mode = 'compiled' if compiled else 'eager'
                     ms_of[precision, mode, source, checkpoint] = ms
+                    mb_of[precision, mode, source, checkpoint] = None if '-' in memory else float(memory.strip(' *'))
                     label = f'auto={resolved[precision]}' if precision == 'auto' else precision
                     print(f'{label:>11} {mode:>8} {source:>7} {checkpoint:>4} {t1 - t0:>10.1f} {ms:>9.0f} {ips:>8.2f} '
                           f'{tflops:>8.3g} {tflops / peaks[resolved[precision]][0]:>6.1%} {memory} '
@@ -316,8 +319,15 @@ def main():
                 print(f'bf16 vs fp32 here, {mode}, {source}, checkpoint {checkpoint}: bf16 step time / fp32 step '
                       f'time = {ms_of["bf16", mode, source, checkpoint] / ms:.2f}')
             if checkpoint and (precision, mode, source, 0) in ms_of:
+                without = mb_of[precision, mode, source, 0]
+                memory = f', memory without / with = {without / mb:.1f}x (target >= 2)' if without and (
+                    mb := mb_of[precision, mode, source, checkpoint]) else ''
                 print(f'grad_checkpoint, {precision}, {mode}, {source}: step time with / without = '
-                      f'{ms / ms_of[precision, mode, source, 0]:.2f}')
+                      f'{ms / ms_of[precision, mode, source, 0]:.2f} (target <= 1.35){memory}')
+            if precision == 'auto' and all((p, mode, source, checkpoint) in ms_of for p in ('fp32', 'bf16')):
+                best = min(ms_of[p, mode, source, checkpoint] for p in ('fp32', 'bf16'))
+                print(f'auto vs the better of fp32 and bf16, {mode}, {source}, checkpoint {checkpoint}: '
+                      f'{ms / best:.2f} (target <= 1; noise aside)')
         if cuda:
             print('* peak memory allocated on the GPU (MB), weights and optimizer state included')
 

@@ -579,6 +579,7 @@ both = [torch.empty_like(heads) for _ in range(world)]
 dist.all_gather(both, heads)
 assert not torch.equal(heads, start) and torch.equal(both[0], both[1]), 'heads differ across ranks'
 print('synced', flush=True)
+del ddp_disc  # its reducer holds the process group: freed now, not during interpreter shutdown (gloo may abort)
 runtime.cleanup_ddp()
 '''
 

@@ -49,7 +49,8 @@ ENCODERS = {
 
 
 def family(encoder_type):
-    """The first rae.ENCODERS preset of an encoder_type: patch, position grid and the rest of the family's build."""
+    """The name of the first rae.ENCODERS preset of an encoder_type: its patch, position grid and build are the
+    family's (DINOv2-S/B/L share theirs)."""
     return next(n for n, e in rae.ENCODERS.items() if e['layout'] == encoder_type)
 
 
@@ -106,9 +107,9 @@ def read(source):
     return cfg, sd, weights
 
 
-def load_rae(source, encoder=None, resolution=None, stats=None, load_encoder=True):
-    """rae.RAE.from_diffusers: the config sizes both models (the encoder a preset, or its family's with other
-    sizes), the file holds their weights and the statistics."""
+def load_rae(source, encoder=None, resolution=None, stats=None, load_encoder=True, cls=None):
+    """rae.RAE.from_diffusers (cls: the RAE class to build): the config sizes both models (the encoder a preset, or
+    its family's with other sizes), the file holds their weights and the statistics."""
     cfg, sd, path = read(source)
     t, C, p = cfg['encoder_type'], cfg['encoder_hidden_size'], cfg['encoder_patch_size']
     layout = next((lay for lay in ENCODERS[t] if lay[0] + published_names('blocks.0.attn.qkv.weight', lay)[0] in sd),
@@ -139,7 +140,7 @@ def load_rae(source, encoder=None, resolution=None, stats=None, load_encoder=Tru
     mean, var, std = cfg['latents_mean'], None, cfg['latents_std']
     if stats is not None:  # a statistics file instead, or False: none
         (mean, var), std = (load_stats(stats) if stats is not False else (None, None)), None
-    model = rae.RAE(enc, dec, mean, var, cfg['noise_tau'], pixel_mean, pixel_std)
+    model = (cls or rae.RAE)(enc, dec, mean, var, cfg['noise_tau'], pixel_mean, pixel_std)
     if std is not None:
         # The statistics convention: a diffusers file stores s = latents_std = sqrt(var + 1e-5), the authors' var
         # and eps, and diffusers' encode divides by s + 1e-5, a second eps. The authors' RAE and ours divide by

@@ -379,7 +379,7 @@ class RAE(nn.Module):
         encoder and resolution, when given, must be what the file holds; stats and load_encoder as in
         from_pretrained."""
         import diffusers_format  # it builds on this module
-        return diffusers_format.load_rae(source, encoder, resolution, stats, load_encoder)
+        return diffusers_format.load_rae(source, encoder, resolution, stats, load_encoder, cls)
 
     def save_pretrained(self, folder, classic=False):
         """This RAE as a diffusers AutoencoderRAE folder (config.json, diffusion_pytorch_model.safetensors) that

@@ -470,16 +470,16 @@ class Metrics:
                                     config=config)
 
     def log(self, step, **values):
-        """Append {'step': step, **values} (numbers as Python floats/ints), redraw loss.png, send it to wandb."""
+        """Append {'step': step, **values} (numbers as Python floats/ints), send it to wandb, redraw loss.png."""
         if not self.active:
             return
         record = {'step': step, **{k: v if isinstance(v, (int, str)) else float(v) for k, v in values.items()}}
         self.records.append(record)
         with open(self.path, 'a') as f:
             f.write(json.dumps(record) + '\n')
-        self.plot()
         if self.wandb is not None:
             self.wandb.log(record, step=step)
+        self.plot()
 
     def image(self, key, path, step):
         if self.wandb is not None:

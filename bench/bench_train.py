@@ -320,7 +320,8 @@ def main():
                       f'time = {ms_of["bf16", mode, source, checkpoint] / ms:.2f}')
             if checkpoint and (precision, mode, source, 0) in ms_of:
                 without = mb_of[precision, mode, source, 0]
-                memory = f', memory without / with = {without / mb:.1f}x (target >= 2)' if without and (
+                what = 'peak memory, weights and optimizer included,' if cuda else 'saved activation memory'
+                memory = f', {what} without / with = {without / mb:.1f}x (activations: target >= 2)' if without and (
                     mb := mb_of[precision, mode, source, checkpoint]) else ''
                 print(f'grad_checkpoint, {precision}, {mode}, {source}: step time with / without = '
                       f'{ms / ms_of[precision, mode, source, 0]:.2f} (target <= 1.35){memory}')

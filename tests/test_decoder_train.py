@@ -817,7 +817,8 @@ def test_evaluation_with_nothing_readable_is_one_line(tmp_path):
 def test_training_ends_with_a_diffusers_export_of_the_ema_decoder(toy, tmp_path):
     """With an encoder diffusers can build (heads = width / 64), the run writes out_dir/diffusers; from_pretrained of
     that folder reconstructs exactly as the last checkpoint's EMA decoder on the same encoder does."""
-    wide = dict(encoder_weights=f'{tmp_path}/dinov2_64.pt', encoder_overrides=dict(TINY_ENCODER, width=64, heads=1, pos_grid=37))
+    wide = dict(encoder_weights=f'{tmp_path}/dinov2_64.pt',
+                encoder_overrides=dict(TINY_ENCODER, width=64, heads=1, pos_grid=37))
     write_toy(toy, **wide)
     run(*toy_args(toy, **wide, epochs=1), out_dir=tmp_path / 'run')
     assert 'wrote' in (tmp_path / 'run' / 'log.txt').read_text().splitlines()[-1]

@@ -278,6 +278,17 @@ def test_what_diffusers_would_run_differently_is_refused(tmp_path):
         rae.RAE(None, our_rae('dinov2-b', 128).decoder).save_pretrained(tmp_path / 'd')
 
 
+def test_the_position_sides_diffusers_builds_are_those_of_our_presets():
+    # diffusers 0.42.1 builds every encoder's transformers model at one image size (autoencoder_rae._build_encoder):
+    # save_rae refuses an encoder whose stored position grid is not that size / patch
+    for encoder_type, side in {'dinov2': 518, 'siglip2': 256, 'mae': 224}.items():
+        for name, preset in rae.ENCODERS.items():
+            if preset['layout'] == encoder_type:
+                assert preset['pos_grid'] * preset['patch'] == side, name
+        preset = rae.ENCODERS[diffusers_format.family(encoder_type)]
+        assert preset['pos_grid'] * preset['patch'] == side
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Names, hub repositories and one-line errors (no diffusers needed)
 
@@ -340,5 +351,6 @@ def test_bad_folders_are_one_line_errors(tmp_path):
         with pytest.raises(error) as e:
             rae.RAE.from_pretrained(source)
         assert re.search(message, one_line(e)), (source, one_line(e))
-    assert diffusers_format.is_diffusers(str(good)) and diffusers_format.is_diffusers('org/name') and not diffusers_format.is_diffusers('a/b.pt')
+    is_diffusers = diffusers_format.is_diffusers
+    assert is_diffusers(str(good)) and is_diffusers('org/name') and not is_diffusers('a/b.pt')
     assert math.isqrt(sd['encoder.embeddings.position_embeddings'].shape[1]) == 37  # 518 px at patch 14

@@ -62,7 +62,8 @@ def test_own_images_from_a_folder_to_a_fid(tmp_path):
     ckpt = tmp_path / 'dit' / 'checkpoints'
     # 5. samples: a grid without --class, an .npz for FID, AutoGuidance with the run's step-40 checkpoint as guide
     # (the checkpoint's run config brings its RAE: the decoder, the statistics, the encoder file)
-    sample = [ROOT / 'sample.py', '--ckpt', ckpt / '0000120.pt', '--steps', '8', '--device', 'cpu', '--precision', 'fp32']
+    sample = [ROOT / 'sample.py', '--ckpt', ckpt / '0000120.pt', '--steps', '8', '--device', 'cpu',
+              '--precision', 'fp32']
     r = python(*sample, '--n', '4', '--out', tmp_path / 'grid.png', cwd=tmp_path)
     assert 'class 0' in r.stdout and Image.open(tmp_path / 'grid.png').size == (4 * 32 + 5 * 2, 32 + 2 * 2)
     python(*sample, '--num-samples', '16', '--batch-size', '8', '--out', tmp_path / 'samples.npz', '--guide',

@@ -234,7 +234,7 @@ def main():
     resolved = {p: 'fp32' if choose_precision(p, dev)[0] is None else 'bf16' for p in precisions}
     if 'auto' in precisions:
         print(f"auto: {choose_precision('auto', dev)[1]}")
-    peaks = {p: peak_tflops(dev, resolved[p], a.peak_tflops, a.peak_size) for p in set(resolved.values())}
+    peaks = {p: peak_tflops(dev, p, a.peak_tflops, a.peak_size) for p in set(resolved.values())}
     print('peak: ' + '; '.join(f'{p} {v:.3g} TFLOP/s ({src})' for p, (v, src) in peaks.items()))
     with tempfile.TemporaryDirectory() as tmp:
         sources = dict(zip(('cache', 'images'), make_sources(tmp, a.batch, latent_shape)))
@@ -296,20 +296,20 @@ def main():
                         train_step()
                     ms = (time.perf_counter() - t1) / a.steps * 1000
                     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+                    mb = None
                     if cuda:  # the peak of everything, the weights and optimizer state included
-                        memory = f'{torch.cuda.max_memory_allocated(dev) / 2 ** 20:>8.0f}*'
+                        mb = torch.cuda.max_memory_allocated(dev) / 2 ** 20
                     elif not compiled:  # activations: what one step's forward saves for backward, weights aside
                         saved.clear()
                         train_step(measure=True)
-                        memory = f'{sum(b for s, b in saved.items() if s not in weights) / 2 ** 20:>9.0f}'
-                    else:
-                        memory = f'{"-":>9}'
+                        mb = sum(b for s, b in saved.items() if s not in weights) / 2 ** 20
+                    memory = f'{"-":>9}' if mb is None else f'{mb:>8.0f}*' if cuda else f'{mb:>9.0f}'
                     ips = a.batch / ms * 1000
                     tflops = ips * flops[source] / 1e12
                     baseline = baseline or ms
                     mode = 'compiled' if compiled else 'eager'
                     ms_of[precision, mode, source, checkpoint] = ms
-                    mb_of[precision, mode, source, checkpoint] = None if '-' in memory else float(memory.strip(' *'))
+                    mb_of[precision, mode, source, checkpoint] = mb
                     label = f'auto={resolved[precision]}' if precision == 'auto' else precision
                     print(f'{label:>11} {mode:>8} {source:>7} {checkpoint:>4} {t1 - t0:>10.1f} {ms:>9.0f} {ips:>8.2f} '
                           f'{tflops:>8.3g} {tflops / peaks[resolved[precision]][0]:>6.1%} {memory} '
@@ -319,10 +319,11 @@ def main():
                 print(f'bf16 vs fp32 here, {mode}, {source}, checkpoint {checkpoint}: bf16 step time / fp32 step '
                       f'time = {ms_of["bf16", mode, source, checkpoint] / ms:.2f}')
             if checkpoint and (precision, mode, source, 0) in ms_of:
-                without = mb_of[precision, mode, source, 0]
-                what = 'peak memory, weights and optimizer included,' if cuda else 'saved activation memory'
-                memory = f', {what} without / with = {without / mb:.1f}x (activations: target >= 2)' if without and (
-                    mb := mb_of[precision, mode, source, checkpoint]) else ''
+                without, mb = mb_of[precision, mode, source, 0], mb_of[precision, mode, source, checkpoint]
+                memory = ''
+                if without and mb:
+                    what = 'peak memory, weights and optimizer included,' if cuda else 'saved activation memory'
+                    memory = f', {what} without / with = {without / mb:.1f}x (activations: target >= 2)'
                 print(f'grad_checkpoint, {precision}, {mode}, {source}: step time with / without = '
                       f'{ms / ms_of[precision, mode, source, 0]:.2f} (target <= 1.35){memory}')
             if precision == 'auto' and all((p, mode, source, checkpoint) in ms_of for p in ('fp32', 'bf16')):
